@@ -1,0 +1,389 @@
+"""One attention-patching layer for every injector of this pack (SD1.5/SDXL UNets and FLUX DiT).
+
+How it hooks into ComfyUI (public patch points only; no private forward is copied or overridden):
+
+* UNet: ``patches_replace["attn1"|"attn2"][(block, id, transformer_index)]`` for every transformer
+  block of the model. The hook computes the stock attention with ComfyUI's own ``optimized_attention``
+  (or calls a replace that another pack installed there first), then lets each injector transform it.
+* FLUX: ``patches_replace["dit"][("double_block"|"single_block", i)]``. Each injector wraps the call
+  of the original block (``extra["original_block"]``), so it can change the inputs, the attention (via
+  ``optimized_attention_override`` for the duration of the block) or the outputs.
+* One ``DIFFUSION_MODEL`` wrapper per patched model records the latent shape and the diffusion model
+  in the transformer options of that call (for token grids and block access) and gives every injector
+  a once-per-model-call hook (``on_model_call``), e.g. for a reference pass.
+
+Stacking order (documented contract): injectors run in the order they were applied to the model.
+For UNet attention, ``out = inj_n(... inj_2(inj_1(base)))``; for FLUX blocks, the first applied wraps
+the original block most closely and the last applied is outermost. Applying a patch always clones the
+ModelPatcher and replaces the layer object on the clone by a new one; layers are never mutated, so
+the input model (and every earlier clone) keeps its options.
+
+Each injector is active only between its start and end percent, converted to sigmas with the model's
+own ``model_sampling``, and only on the rows it asks for (cond, uncond or both), read from
+``cond_or_uncond`` (ComfyUI: 0 = cond, 1 = uncond).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_base
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import optimized_attention
+
+log = logging.getLogger(__name__)
+
+LAYER_KEY = "idportrait_layer"          # transformer_options key holding the current layer
+WRAPPER_KEY = "idportrait"              # wrapper key on the ModelPatcher
+SHAPE_KEY = "idportrait_latent_shape"   # transformer_options key set for each model call
+MODEL_KEY = "idportrait_diffusion_model"
+
+COND, UNCOND = 0, 1
+APPLY_TO = ("both", "cond", "uncond")
+
+SD_KINDS = ("attn1", "attn2")
+DIT_KINDS = ("double", "single")
+
+
+def model_family(model) -> str:
+    """'flux', 'sdxl', 'sd15' or 'unet' (another UNet model) for a ModelPatcher or BaseModel."""
+    base = getattr(model, "model", model)
+    if isinstance(base, comfy.model_base.Flux):
+        return "flux"
+    if isinstance(base, comfy.model_base.SDXL):
+        return "sdxl"
+    if isinstance(base, comfy.model_base.BaseModel) and hasattr(base.diffusion_model, "input_blocks"):
+        ctx = getattr(base.model_config, "unet_config", {}).get("context_dim")
+        return "sd15" if type(base) is comfy.model_base.BaseModel and ctx in (768, 64) else "unet"
+    return "other"
+
+
+def unet_block_keys(diffusion_model) -> list[tuple[str, int, int]]:
+    """Every (block_name, block_id, transformer_index) key ComfyUI uses for attention patches."""
+    keys = []
+    groups = [("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+              ("output", diffusion_model.output_blocks)]
+    for name, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                tb = getattr(layer, "transformer_blocks", None)
+                if tb is not None:
+                    keys.extend((name, block_id, i) for i in range(len(tb)))
+    return keys
+
+
+def unet_attention_module(diffusion_model, key, kind: str):
+    """The CrossAttention module (attn1/attn2) of a UNet block key, e.g. to project extra tokens."""
+    name, block_id, index = key
+    block = diffusion_model.middle_block if name == "middle" else getattr(diffusion_model, f"{name}_blocks")[block_id]
+    for layer in block:
+        if getattr(layer, "transformer_blocks", None) is not None:
+            return getattr(layer.transformer_blocks[index], kind)
+    raise KeyError(f"no transformer block at {key}")
+
+
+def row_mask(cond_or_uncond: Optional[list], batch: int, apply_to: str, device=None) -> Optional[torch.Tensor]:
+    """Bool (batch,) of the rows an injector acts on; None means every row."""
+    if apply_to == "both" or not cond_or_uncond:
+        return None
+    want = COND if apply_to == "cond" else UNCOND
+    chunk = batch // len(cond_or_uncond)
+    rows = torch.tensor([c == want for c in cond_or_uncond for _ in range(chunk)], device=device)
+    return rows
+
+
+def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """Resize a region mask (M,H,W) or (H,W) to a token grid: (batch or 1, h*w, 1), values in [0,1].
+
+    Area interpolation keeps the mass of soft masks; a mask batch equal to the model's per-chunk batch
+    is repeated over the cond/uncond chunks.
+    """
+    if mask.ndim == 2:
+        mask = mask[None]
+    h, w = grid_hw
+    m = F.interpolate(mask[:, None].float(), size=(h, w), mode="area" if mask.shape[-1] >= w else "bilinear")
+    m = m.reshape(m.shape[0], h * w, 1).clamp(0, 1)
+    if m.shape[0] not in (1, batch):
+        if batch % m.shape[0]:
+            raise ValueError(f"mask batch {m.shape[0]} does not divide the model batch {batch}")
+        m = m.repeat(batch // m.shape[0], 1, 1)
+    return m
+
+
+@dataclass
+class CallContext:
+    """What an injector sees at one hook call."""
+    kind: str                        # attn1 | attn2 | double | single
+    key: tuple                       # UNet (name, id, index) or FLUX (kind, index)
+    sigma: float
+    cond_or_uncond: list
+    transformer_options: dict
+    rows: Optional[torch.Tensor] = None   # bool (B,) rows this injector acts on; None = all
+    base: Optional[torch.Tensor] = None   # UNet: the stock attention output of this block
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    n_heads: int = 0
+    txt_len: int = 0                 # FLUX: number of text tokens (single blocks: txt comes first)
+
+    @property
+    def latent_shape(self):
+        return self.transformer_options.get(SHAPE_KEY)
+
+    @property
+    def diffusion_model(self):
+        return self.transformer_options.get(MODEL_KEY)
+
+    def grid(self) -> tuple[int, int]:
+        """Token grid (h, w) of this block."""
+        if self.kind in SD_KINDS:
+            return tuple(self.transformer_options["activations_shape"][-2:])
+        H, W = self.latent_shape[-2:]
+        return (math.ceil(H / 2), math.ceil(W / 2))   # FLUX patchifies 2x2 (padding to even)
+
+    def token_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        return token_mask(mask, self.grid(), batch)
+
+    def module(self):
+        """UNet: the CrossAttention module of this hook; FLUX: the Double/SingleStreamBlock."""
+        dm = self.diffusion_model
+        if self.kind in SD_KINDS:
+            return unet_attention_module(dm, self.key, self.kind)
+        return (dm.double_blocks if self.kind == "double" else dm.single_blocks)[self.key[1]]
+
+    def mix(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """new on this injector's rows, old elsewhere (exactly)."""
+        if self.rows is None:
+            return new
+        return torch.where(self.rows.view(-1, *([1] * (new.ndim - 1))), new, old)
+
+
+class Injector:
+    """Base class of everything this pack injects. Override only the hooks you need.
+
+    Hooks (all must accept and ignore unknown keyword arguments):
+      attn1(ctx, out, **kw) / attn2(ctx, out, **kw) -> out     UNet self-/cross-attention output (B, L, inner)
+      double_block(ctx, args, call, **kw) / single_block(...) -> dict   FLUX: call(args) runs the inner chain
+      on_model_call(transformer_options, x, timestep, **kw)    once per diffusion-model call
+    """
+    name = "injector"
+    kinds: tuple = ()   # which hook kinds this injector implements
+
+    def __init__(self, start_percent: float = 0.0, end_percent: float = 1.0, apply_to: str = "both",
+                 blocks: Optional[Iterable] = None):
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+        self.start_percent, self.end_percent, self.apply_to = start_percent, end_percent, apply_to
+        self.blocks = None if blocks is None else {tuple(b) for b in blocks}
+        self.sigma_start, self.sigma_end = math.inf, 0.0
+
+    def bind(self, model_sampling) -> None:
+        """Convert the percent window to sigmas with the model's own schedule."""
+        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
+        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def wants(self, kind: str, key: tuple) -> bool:
+        return kind in self.kinds and (self.blocks is None or key in self.blocks)
+
+    # device/memory protocol ComfyUI calls on patch objects
+    def to(self, device):
+        return self
+
+    def models(self) -> list:
+        return []
+
+    def on_model_call(self, transformer_options: dict, x, timestep, **kwargs) -> None:
+        pass
+
+
+def _sigma_of(to: dict) -> float:
+    s = to.get("sigmas")
+    return float(s.flatten()[0]) if s is not None else math.inf
+
+
+class PatchLayer:
+    """The immutable set of injectors on one model clone."""
+
+    def __init__(self, injectors: tuple = ()):
+        self.injectors = tuple(injectors)
+        self._device = None
+
+    def __deepcopy__(self, memo):
+        return self   # immutable; 0.3.75 deep-copies model_options on clone, current shares: same behaviour
+
+    def with_injector(self, injector: Injector) -> "PatchLayer":
+        return PatchLayer(self.injectors + (injector,))
+
+    def to(self, device):
+        if device != self._device:
+            for inj in self.injectors:
+                inj.to(device)
+            self._device = device
+        return self
+
+    def models(self) -> list:
+        out = []
+        for inj in self.injectors:
+            out.extend(inj.models())
+        return out
+
+    def active_for(self, kind, key, to) -> list:
+        sigma = _sigma_of(to)
+        return [inj for inj in self.injectors if inj.wants(kind, key) and inj.active(sigma)], sigma
+
+
+class _Hook:
+    """Base of the callables stored in patches_replace; holds the layer and a chained foreign patch."""
+
+    def __init__(self, layer: PatchLayer, kind: str, key: tuple, prev: Optional[Callable], primary: bool):
+        self.layer, self.kind, self.key, self.prev, self.primary = layer, kind, key, prev, primary
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device):
+        self.layer.to(device)
+        if self.prev is not None and hasattr(self.prev, "to"):
+            self.prev = self.prev.to(device)
+        return self
+
+    def models(self) -> list:
+        # Exactly one hook reports the layer's models so ComfyUI loads each once.
+        out = self.layer.models() if self.primary else []
+        if self.prev is not None and hasattr(self.prev, "models"):
+            out += self.prev.models()
+        return out
+
+
+class _UnetAttnHook(_Hook):
+    def __call__(self, q, k, v, extra_options, **kwargs):
+        if self.prev is not None:
+            base = self.prev(q, k, v, extra_options)
+        else:
+            base = optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
+        injectors, sigma = self.layer.active_for(self.kind, self.key, extra_options)
+        if not injectors:
+            return base
+        out = base
+        cou = extra_options.get("cond_or_uncond") or []
+        for inj in injectors:
+            rows = row_mask(cou, q.shape[0], inj.apply_to, q.device)
+            ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou,
+                              transformer_options=extra_options, rows=rows, base=base, q=q, k=k, v=v,
+                              n_heads=extra_options["n_heads"])
+            new = getattr(inj, self.kind)(ctx, out)
+            out = ctx.mix(new, out)
+        return out
+
+
+class _DitHook(_Hook):
+    def __call__(self, args, extra, **kwargs):
+        if self.prev is not None:
+            prev = self.prev
+            inner = lambda a: prev(a, extra)   # noqa: E731  (a pack that patched this block before us)
+        else:
+            inner = extra["original_block"]
+        to = args.get("transformer_options") or {}
+        injectors, sigma = self.layer.active_for(self.kind, self.key, to)
+        if not injectors:
+            return inner(args)
+        cou = to.get("cond_or_uncond") or []
+        batch = args["img"].shape[0]
+        if self.kind == "double":
+            txt_len = args["txt"].shape[1]
+        else:
+            shape = to.get(SHAPE_KEY)
+            n_img = math.ceil(shape[-2] / 2) * math.ceil(shape[-1] / 2) if shape is not None else 0
+            txt_len = args["img"].shape[1] - n_img
+        call = inner
+        for inj in injectors:
+            ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou, transformer_options=to,
+                              rows=row_mask(cou, batch, inj.apply_to, args["img"].device), txt_len=txt_len)
+            call = _bind_dit(inj, self.kind, ctx, call)
+        return call(args)
+
+
+def _bind_dit(inj, kind, ctx, call):
+    fn = getattr(inj, f"{kind}_block")
+    return lambda a: fn(ctx, a, call)
+
+
+class _ModelCallWrapper:
+    """DIFFUSION_MODEL wrapper: records shape/model for the hooks; once-per-call injector hook."""
+
+    def __init__(self, layer: PatchLayer):
+        self.layer = layer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        x, timestep = args[0], args[1]
+        to = kwargs.get("transformer_options")
+        if to is None:   # passed positionally, at a position that differs between UNet and FLUX
+            to = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), {})
+        # calc_cond_batch builds a fresh transformer_options dict for every model call, so these
+        # per-call entries cannot leak into the model's stored options.
+        to[SHAPE_KEY] = tuple(x.shape)
+        to[MODEL_KEY] = executor.class_obj
+        for inj in self.layer.injectors:
+            inj.on_model_call(to, x, timestep)
+        return executor(*args, **kwargs)
+
+
+def current_layer(model) -> PatchLayer:
+    return model.model_options.get("transformer_options", {}).get(LAYER_KEY) or PatchLayer()
+
+
+def apply_injector(model, injector: Injector):
+    """Clone ``model`` (a ModelPatcher) and add ``injector`` on top of this pack's existing patches."""
+    m = model.clone()
+    family = model_family(m)
+    if family == "other":
+        raise ValueError("this node patches SD1.5/SDXL UNet or FLUX models; the connected MODEL is neither "
+                         f"({type(m.model).__name__})")
+    injector.bind(m.get_model_object("model_sampling"))
+    old = current_layer(m)
+    layer = old.with_injector(injector)
+    to = m.model_options.setdefault("transformer_options", {})
+    to[LAYER_KEY] = layer
+    replace = to.setdefault("patches_replace", {})
+    dm = m.model.diffusion_model
+    primary = True
+    if family == "flux":
+        for kind, blocks in (("double", dm.double_blocks), ("single", dm.single_blocks)):
+            slot = replace.setdefault("dit", {})
+            for i in range(len(blocks)):
+                key = (f"{kind}_block", i)
+                prev = _foreign(slot.get(key))
+                slot[key] = _DitHook(layer, kind, (kind, i), prev, primary)
+                primary = False
+    else:
+        for kind in SD_KINDS:
+            slot = replace.setdefault(kind, {})
+            for key in unet_block_keys(dm):
+                prev = _foreign(slot.get(key, slot.get(key[:2])))
+                slot[key] = _UnetAttnHook(layer, kind, key, prev, primary)
+                primary = False
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _ModelCallWrapper(layer))
+    log.debug("applied %s to a %s model (%d injectors now)", injector.name, family, len(layer.injectors))
+    return m
+
+
+def _foreign(patch):
+    """A replace patch someone else installed (kept and called); ours are replaced, not chained."""
+    if patch is None or isinstance(patch, _Hook):
+        return patch.prev if isinstance(patch, _Hook) else None
+    return patch
