@@ -1,0 +1,108 @@
+"""An embedded real ComfyUI (0.3.75, installed by scripts/install_comfy.sh), in-process: tests and the demo.
+
+Importing this module puts ComfyUI on sys.path, configures it for the CPU, loads ComfyUI's own nodes
+and then this pack exactly the way ComfyUI loads a custom node (``nodes.load_custom_node`` on a
+``custom_nodes/idportrait`` folder that links to the repository). The loaded package is also
+reachable as ``idportrait`` (``import idportrait.guidance.patching``) so tests use the very module
+objects the nodes use. Pack code imports its own modules eagerly and relatively, never lazily, so
+no module of ours is loaded twice under two names.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level down
+COMFY_ROOT = os.environ.get("COMFY_ROOT", os.path.expanduser("~/.cache/idportrait-comfy"))
+COMFY_DIR = os.path.join(COMFY_ROOT, "ComfyUI")
+COMFY_PYTHON = os.path.join(COMFY_ROOT, "venv", "bin", "python")
+PACK_NAME = "idportrait"
+
+if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
+    raise RuntimeError(f"No ComfyUI at {COMFY_DIR}: run scripts/install_comfy.sh first (or set COMFY_ROOT)")
+
+if COMFY_DIR not in sys.path:
+    sys.path.insert(0, COMFY_DIR)
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+args.use_pytorch_cross_attention = True   # same flag is given to the HTTP server: same kernels, same latents
+args.disable_api_nodes = True
+
+import utils.extra_config  # noqa: E402,F401  (must precede "import nodes": nodes puts comfy/ first on sys.path)
+import folder_paths  # noqa: E402
+
+BASE_DIR = tempfile.mkdtemp(prefix="idp-comfy-base-")
+for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
+    os.makedirs(os.path.join(BASE_DIR, sub), exist_ok=True)
+PACK_LINK = os.path.join(BASE_DIR, "custom_nodes", PACK_NAME)
+os.symlink(REPO, PACK_LINK)
+folder_paths.set_output_directory(os.path.join(BASE_DIR, "output"))
+folder_paths.set_input_directory(os.path.join(BASE_DIR, "input"))
+folder_paths.set_temp_directory(os.path.join(BASE_DIR, "temp"))
+
+import nodes  # noqa: E402
+import execution  # noqa: E402
+
+asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+if not asyncio.run(nodes.load_custom_node(PACK_LINK)):
+    raise RuntimeError("ComfyUI failed to load the pack; see the log above")
+
+# ComfyUI registers the package under its folder path; alias it so tests can `import idportrait...`.
+_loaded_as = PACK_LINK.replace(".", "_x_")
+for _name in list(sys.modules):
+    if _name == _loaded_as or _name.startswith(_loaded_as + "."):
+        sys.modules[PACK_NAME + _name[len(_loaded_as):]] = sys.modules[_name]
+pack = sys.modules[PACK_NAME]
+
+
+class _StubServer:
+    """What PromptExecutor needs of a server when no HTTP server runs."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self):
+        self.events = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class WorkflowError(AssertionError):
+    pass
+
+
+def run_workflow(prompt: dict, outputs=None):
+    """Validate and execute an API-format workflow with ComfyUI's own PromptExecutor.
+
+    Returns the executor (``history_result["outputs"]``, ``status_messages``, ``caches``).
+    Raises WorkflowError with ComfyUI's own message on a validation or execution error.
+    """
+    prompt_id = str(uuid.uuid4())
+    ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not ok:
+        raise WorkflowError(f"validation failed: {err} {node_errors}")
+    server = _StubServer()
+    ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    ex.execute(prompt, prompt_id, {}, outputs if outputs is not None else good_outputs)
+    ex.server_events = server.events
+    if not ex.success:
+        errs = [m for m in ex.status_messages if m[0] == "execution_error"]
+        raise WorkflowError(f"execution failed: {errs}")
+    return ex
+
+
+def output_file(subfolder_and_name: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), subfolder_and_name)
+
+
+logging.getLogger(__name__).info("ComfyUI %s loaded from %s; pack from %s", getattr(__import__("comfyui_version"), "__version__", "?"), COMFY_DIR, REPO)
