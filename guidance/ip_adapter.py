@@ -1,0 +1,223 @@
+"""Decoupled (IP-Adapter style) identity attention for SD1.5/SDXL UNets and FLUX, via guidance/patching.
+
+SD1.5/SDXL (IP-Adapter layout, so the public IP-Adapter "full face" SD1.5 file loads unchanged):
+  tokens ℓ (T, D) --image_proj (Linear D→D, GELU, Linear D→ctx, LayerNorm)--> c_ip (T, ctx)
+  per cross-attention layer:  out = Attn(Q, K_text, V_text) + w · Attn(Q, to_k_ip(c_ip), to_v_ip(c_ip))
+
+FLUX (every double and single block; XLabs-style placement):
+  per block:  K_ip = to_k_ip(ℓ), V_ip = to_v_ip(ℓ)   (Linear D→hidden, reshaped to heads × head_dim)
+  Q = the block's image-token query after QK-norm and before RoPE, recomputed from the block's own
+  modulation, norm and the q rows of its qkv projection (only the q rows: a third of a qkv matmul);
+  img ← img + w · Attn(Q, K_ip, V_ip) after the block, on image tokens only (txt tokens untouched).
+
+Key layout of the injection weights (prefix ``proj.`` inside an Omni-ID weight file):
+  SD:    image_proj.{0,2}.{weight,bias}, image_proj.3.{weight,bias} (LayerNorm),
+         attn2.{input|middle|output}_{block_id}_{transformer_index}.to_{k,v}_ip.weight
+  FLUX:  double_{i}.to_{k,v}_ip.{weight,bias}, single_{i}.to_{k,v}_ip.{weight,bias}
+Keys and values of ℓ are computed once per injector (so once per sampling run), per device and dtype.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import comfy.ops
+from comfy.ldm.modules.attention import optimized_attention
+
+from .patching import CallContext, Injector, unet_block_keys
+
+log = logging.getLogger(__name__)
+
+
+def sd_key_name(key) -> str:
+    return f"{key[0]}_{key[1]}_{key[2]}"
+
+
+def ip_adapter_order(block_keys) -> list:
+    """Cross-attention layers in diffusers' processor order (down, up, mid) = IP-Adapter's numbering."""
+    rank = {"input": 0, "output": 1, "middle": 2}
+    return sorted(block_keys, key=lambda k: (rank[k[0]], k[1], k[2]))
+
+
+class SDIdentityAdapter(nn.Module):
+    """image_proj + per-cross-attention to_k_ip/to_v_ip for one UNet architecture."""
+
+    def __init__(self, token_dim: int, context_dim: int, inner_dims: dict):
+        super().__init__()
+        self.image_proj = nn.Sequential(nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, context_dim),
+                                        nn.LayerNorm(context_dim))
+        self.attn2 = nn.ModuleDict({
+            sd_key_name(k): nn.ModuleDict({"to_k_ip": nn.Linear(context_dim, d, bias=False),
+                                           "to_v_ip": nn.Linear(context_dim, d, bias=False)})
+            for k, d in inner_dims.items()})
+
+    @staticmethod
+    def inner_dims_of(diffusion_model) -> dict:
+        """{block key: attn2 inner width} read off a ComfyUI UNet."""
+        from .patching import unet_attention_module
+        return {k: unet_attention_module(diffusion_model, k, "attn2").to_k.weight.shape[0]
+                for k in unet_block_keys(diffusion_model)}
+
+
+class FluxIdentityAdapter(nn.Module):
+    def __init__(self, token_dim: int, hidden: int, n_double: int, n_single: int):
+        super().__init__()
+        mk = lambda: nn.ModuleDict({"to_k_ip": nn.Linear(token_dim, hidden), "to_v_ip": nn.Linear(token_dim, hidden)})  # noqa: E731
+        self.blocks = nn.ModuleDict({**{f"double_{i}": mk() for i in range(n_double)},
+                                     **{f"single_{i}": mk() for i in range(n_single)}})
+
+    def state_dict_flat(self) -> dict:
+        return {k.replace("blocks.", "", 1): v for k, v in self.state_dict().items()}
+
+    def load_flat(self, sd: dict, strict: bool = True):
+        return self.load_state_dict({"blocks." + k: v for k, v in sd.items()}, strict=strict)
+
+
+def convert_public_ip_adapter(sd: dict, diffusion_model) -> dict:
+    """IP-Adapter file layout (``image_proj.proj.*``, ``ip_adapter.{2k+1}.to_{k,v}_ip.weight``) → ours.
+
+    The k-th cross-attention layer in diffusers' order (down blocks, up blocks, mid block) carries
+    processor number 2k+1 (even numbers are the self-attention processors, which have no weights).
+    """
+    order = ip_adapter_order(unet_block_keys(diffusion_model))
+    out = {}
+    for name, t in sd.items():
+        m = re.fullmatch(r"image_proj\.proj\.(\d+)\.(weight|bias)", name)
+        if m:
+            out[f"image_proj.{m.group(1)}.{m.group(2)}"] = t
+            continue
+        m = re.fullmatch(r"ip_adapter\.(\d+)\.(to_[kv]_ip)\.weight", name)
+        if m:
+            n = int(m.group(1))
+            if n % 2 != 1 or (n - 1) // 2 >= len(order):
+                raise ValueError(f"IP-Adapter key {name} does not fit this UNet ({len(order)} cross-attention layers): "
+                                 "the file is for another architecture (SD1.5 vs SDXL)")
+            out[f"attn2.{sd_key_name(order[(n - 1) // 2])}.{m.group(2)}.weight"] = t
+            continue
+        raise ValueError(f"unexpected key {name!r}: not an IP-Adapter (image_proj/ip_adapter) state dict")
+    return out
+
+
+def _rows_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Identity tokens (N, T, C) to the model batch: N == 1 broadcasts, else repeated over cond/uncond chunks."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"{t.shape[0]} identities cannot be spread over a batch of {batch}")
+    return t.repeat(batch // t.shape[0], 1, 1)
+
+
+class IdentityInjector(Injector):
+    """Adds w · Attn(Q, K_ip, V_ip) of an identity's tokens to a model's attention (see module doc)."""
+    name = "identity"
+
+    def __init__(self, adapter: nn.Module, tokens: torch.Tensor, family: str, weight: float = 1.0,
+                 mask: Optional[torch.Tensor] = None, **kw):
+        super().__init__(**kw)
+        if tokens.ndim == 2:
+            tokens = tokens[None]
+        self.adapter, self.tokens, self.family, self.weight, self.mask = adapter, tokens, family, float(weight), mask
+        self.kinds = ("double", "single") if family == "flux" else ("attn2",)
+        self._kv: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- keys/values of ℓ, once per (site, device, dtype)
+    def _sd_kv(self, key, like: torch.Tensor):
+        ck = (key, like.device, like.dtype)
+        if ck not in self._kv:
+            with torch.no_grad():
+                a = self.adapter.to(device=like.device, dtype=like.dtype)
+                c_ip = a.image_proj(self.tokens.to(like.device, like.dtype))
+                layer = a.attn2[sd_key_name(key)]
+                self._kv[ck] = (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip))
+        return self._kv[ck]
+
+    def _flux_kv(self, name, like: torch.Tensor):
+        ck = (name, like.device, like.dtype)
+        if ck not in self._kv:
+            with torch.no_grad():
+                a = self.adapter.to(device=like.device, dtype=like.dtype)
+                blk = a.blocks[name]
+                tok = self.tokens.to(like.device, like.dtype)
+                self._kv[ck] = (blk.to_k_ip(tok), blk.to_v_ip(tok))
+        return self._kv[ck]
+
+    def _masked(self, ctx: CallContext, ip: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return ip
+        return ip * ctx.token_mask(self.mask.to(ip.device), ip.shape[0]).to(ip.dtype)
+
+    # -- SD1.5 / SDXL
+    def attn2(self, ctx: CallContext, out, **kwargs):
+        if self.weight == 0.0:
+            return out
+        k_ip, v_ip = self._sd_kv(ctx.key, ctx.q)
+        B = ctx.q.shape[0]
+        ip = optimized_attention(ctx.q, _rows_batch(k_ip, B), _rows_batch(v_ip, B), ctx.n_heads,
+                                 transformer_options=ctx.transformer_options)
+        return out + self.weight * self._masked(ctx, ip)
+
+    # -- FLUX
+    def double_block(self, ctx: CallContext, args, call, **kwargs):
+        if self.weight == 0.0:
+            return call(args)
+        block = ctx.module()
+        ip = self._flux_ip(ctx, flux_double_query(block, args["img"], args["vec"]), block.num_heads)
+        res = call(args)
+        return {**res, "img": res["img"] + ip}
+
+    def single_block(self, ctx: CallContext, args, call, **kwargs):
+        if self.weight == 0.0:
+            return call(args)
+        block = ctx.module()
+        ip = self._flux_ip(ctx, flux_single_query(block, args["img"][:, ctx.txt_len:], args["vec"]), block.num_heads)
+        res = call(args)
+        img = res["img"]   # text tokens first: only the image tokens receive the identity
+        return {**res, "img": torch.cat([img[:, :ctx.txt_len], img[:, ctx.txt_len:] + ip], dim=1)}
+
+    def _flux_ip(self, ctx: CallContext, q: torch.Tensor, heads: int) -> torch.Tensor:
+        """q: (B, H, L, D) pre-RoPE query of the image tokens → (B, L, H*D) weighted, masked IP output."""
+        k_ip, v_ip = self._flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+        B, H, L, D = q.shape
+        k = _rows_batch(k_ip, B).view(B, -1, H, D).transpose(1, 2)
+        v = _rows_batch(v_ip, B).view(B, -1, H, D).transpose(1, 2)
+        ip = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
+        if ctx.rows is not None:   # rows this injector does not act on get exactly nothing added
+            ip = ip * ctx.rows.view(-1, 1, 1).to(ip.dtype)
+        return self.weight * self._masked(ctx, ip)
+
+
+def _linear_rows(linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``linear(x)[..., rows]`` without computing the other rows (weights cast like ComfyUI's ops)."""
+    w, b = comfy.ops.cast_bias_weight(linear, x)
+    return F.linear(x, w[rows], None if b is None else b[rows])
+
+
+def _modulated(norm, x, mod):
+    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)
+
+
+def flux_double_query(block, img: torch.Tensor, vec) -> torch.Tensor:
+    """Image-token query of a DoubleStreamBlock after QK-norm, before RoPE: (B, heads, L, head_dim)."""
+    img_mod1 = block.img_mod(vec)[0] if block.modulation else vec[0][0]   # Chroma-style: precomputed mods
+    x = _modulated(block.img_norm1, img, img_mod1)
+    hidden = block.hidden_size
+    q = _linear_rows(block.img_attn.qkv, x, slice(0, hidden))
+    q = q.view(q.shape[0], q.shape[1], block.num_heads, -1).transpose(1, 2)
+    return block.img_attn.norm.query_norm(q).to(img.dtype)
+
+
+def flux_single_query(block, img_tokens: torch.Tensor, vec) -> torch.Tensor:
+    """Query of the image tokens in a SingleStreamBlock after QK-norm, before RoPE."""
+    mod = block.modulation(vec)[0] if block.modulation is not None else vec
+    x = _modulated(block.pre_norm, img_tokens, mod)
+    q = _linear_rows(block.linear1, x, slice(0, block.hidden_size))
+    q = q.view(q.shape[0], q.shape[1], block.num_heads, -1).transpose(1, 2)
+    return block.norm.query_norm(q).to(img_tokens.dtype)

@@ -1,0 +1,186 @@
+"""Omni-ID / IP-Adapter identity injection (guidance/ip_adapter.py) on real ComfyUI models."""
+import pytest
+import torch
+
+import comfy.utils
+
+import harness  # noqa: F401
+from idportrait.guidance import ip_adapter as IP
+from idportrait.guidance import patching as P
+from idportrait.nodes import tiny_models as tm
+from test_patching import Recorder, sample
+
+TOKEN_DIM = 32
+
+
+def _adapter(model, family, seed=0, scale=0.3):
+    dm = model.model.diffusion_model
+    if family == "flux":
+        a = IP.FluxIdentityAdapter(TOKEN_DIM, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
+    else:
+        a = IP.SDIdentityAdapter(TOKEN_DIM, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return a
+
+
+def _tokens(seed=3, n=8):
+    return torch.randn(1, n, TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_weight_zero_and_outside_window_are_bit_identical(family):
+    m = tm.tiny_model(family, 0)
+    ref = sample(m, family)
+    a = _adapter(m, family)
+    zero = P.apply_injector(m, IP.IdentityInjector(a, _tokens(), family, weight=0.0))
+    assert torch.equal(sample(zero, family), ref)
+    # a window (a single point) that contains no step of the schedule: every step is outside it
+    never = IP.IdentityInjector(a, _tokens(), family, weight=1.0, start_percent=0.37, end_percent=0.37)
+    assert torch.equal(sample(P.apply_injector(m, never), family), ref)
+    assert not never._kv                     # never even computed its keys/values
+    on = P.apply_injector(m, IP.IdentityInjector(a, _tokens(), family, weight=1.0))
+    assert not torch.allclose(sample(on, family), ref)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_kv_of_identity_computed_once_per_run(family):
+    m = tm.tiny_model(family, 0)
+    inj = IP.IdentityInjector(_adapter(m, family), _tokens(), family)
+    sample(P.apply_injector(m, inj), family, steps=4)
+    dm = m.model.diffusion_model
+    sites = len(dm.double_blocks) + len(dm.single_blocks) if family == "flux" else len(P.unet_block_keys(dm))
+    assert len(inj._kv) == sites   # one entry per site, not per step
+
+
+def test_flux_query_recomputation_matches_the_blocks_own_query():
+    m = tm.tiny_model("flux", 0)
+    dm = m.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    img, vec = torch.randn(2, 16, dm.hidden_size, generator=g), torch.randn(2, dm.hidden_size, generator=g)
+    blk = dm.double_blocks[0]
+    mod1, _ = blk.img_mod(vec)
+    x = (1 + mod1.scale) * blk.img_norm1(img) + mod1.shift
+    q, k, v = blk.img_attn.qkv(x).view(2, 16, 3, blk.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q_ref, _ = blk.img_attn.norm(q, k, v)
+    assert torch.allclose(IP.flux_double_query(blk, img, vec), q_ref, atol=1e-6)
+    sb = dm.single_blocks[0]
+    mod, _ = sb.modulation(vec)
+    qkv, _ = torch.split(sb.linear1((1 + mod.scale) * sb.pre_norm(img) + mod.shift), [3 * sb.hidden_size, sb.mlp_hidden_dim_first], -1)
+    q, k, v = qkv.view(2, 16, 3, sb.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q_ref, _ = sb.norm(q, k, v)
+    assert torch.allclose(IP.flux_single_query(sb, img, vec), q_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_region_mask_confines_the_change_to_the_region(family):
+    m = tm.tiny_model(family, 0)
+    size = 16
+    mask = torch.zeros(1, size * 8, size * 8)
+    mask[:, :, : size * 4] = 1.0          # left half of the image
+    key = ("double", 0) if family == "flux" else P.unet_block_keys(m.model.diffusion_model)[0]
+
+    class Rec2(Recorder):
+        def attn1(self, ctx, out, **kw):
+            return out
+
+        def attn2(self, ctx, out, **kw):
+            if ctx.key == self.key:
+                self.seen.append((ctx.base.clone(), out.clone(), ctx.grid()))
+            return out
+
+    rec = Rec2(key)
+    inj = IP.IdentityInjector(_adapter(m, family), _tokens(), family, weight=1.0, mask=mask)
+    mm = P.apply_injector(P.apply_injector(m, inj), rec)
+    sample(mm, family, steps=1, size=size)
+    if family == "flux":
+        base_rec = Recorder(key)
+        sample(P.apply_injector(m, base_rec), family, steps=1, size=size)
+        h, w = size // 2, size // 2
+        delta = (rec.seen[0] - base_rec.seen[0]).abs().sum(-1).view(-1, h, w)
+    else:
+        base, out, (h, w) = rec.seen[0]
+        delta = (out - base).abs().sum(-1).view(-1, h, w)
+    assert torch.all(delta[:, :, w // 2:] == 0)
+    assert torch.all(delta[:, :, : w // 2] > 0)
+
+
+def test_public_ip_adapter_layout_converts_and_loads():
+    m = tm.tiny_model("sd15", 0)
+    dm = m.model.diffusion_model
+    ours = _adapter(m, "sd15").state_dict()
+    order = IP.ip_adapter_order(P.unet_block_keys(dm))
+    public = {f"image_proj.proj.{i}.{p}": ours[f"image_proj.{i}.{p}"] for i in (0, 2, 3) for p in ("weight", "bias")}
+    for n, key in enumerate(order):
+        for kv in ("to_k_ip", "to_v_ip"):
+            public[f"ip_adapter.{2 * n + 1}.{kv}.weight"] = ours[f"attn2.{IP.sd_key_name(key)}.{kv}.weight"]
+    conv = IP.convert_public_ip_adapter(public, dm)
+    assert conv.keys() == ours.keys() and all(torch.equal(conv[k], ours[k]) for k in conv)
+    assert [k[0] for k in order] == sorted([k[0] for k in order], key=["input", "output", "middle"].index)
+    with pytest.raises(ValueError, match="another architecture"):
+        IP.convert_public_ip_adapter({f"ip_adapter.{2 * len(order) + 1}.to_k_ip.weight": torch.zeros(1)}, dm)
+    with pytest.raises(ValueError, match="not an IP-Adapter"):
+        IP.convert_public_ip_adapter({"foo.weight": torch.zeros(1)}, dm)
+
+
+def test_matches_diffusers_ip_adapter_processor_on_a_tiny_sd15_unet():
+    """Differential test: same weights in diffusers' UNet2DConditionModel + IPAdapterAttnProcessor2_0."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterFullImageProjection
+
+    m = tm.tiny_model("sd15", 0)
+    dm = m.model.diffusion_model
+    cfg = m.model.model_config.unet_config
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=tm.TEXT_WIDTH,
+        attention_head_dim=8, norm_num_groups=32).eval()
+    ldm = dm.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(cfg)
+    dsd = {k: ldm[v] for k, v in mapping.items() if v in ldm}   # the map also lists optional layers
+    missing, unexpected = unet.load_state_dict(dsd, strict=False)
+    assert not missing and not unexpected
+
+    adapter = _adapter(m, "sd15", scale=1.0)
+    asd = adapter.state_dict()
+    proj = IPAdapterFullImageProjection(TOKEN_DIM, tm.TEXT_WIDTH)
+    proj.load_state_dict({"ff.net.0.proj.weight": asd["image_proj.0.weight"], "ff.net.0.proj.bias": asd["image_proj.0.bias"],
+                          "ff.net.2.weight": asd["image_proj.2.weight"], "ff.net.2.bias": asd["image_proj.2.bias"],
+                          "norm.weight": asd["image_proj.3.weight"], "norm.bias": asd["image_proj.3.bias"]})
+    weight, n_tok = 0.7, 8
+    procs, order = {}, IP.ip_adapter_order(P.unet_block_keys(dm))
+    ip_layers = iter(order)
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            procs[name] = AttnProcessor2_0()
+            continue
+        key = next(ip_layers)
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_q.weight.shape[0]
+        p = IPAdapterAttnProcessor2_0(hidden, tm.TEXT_WIDTH, num_tokens=(n_tok,), scale=weight)
+        p.to_k_ip[0].weight.data.copy_(asd[f"attn2.{IP.sd_key_name(key)}.to_k_ip.weight"])
+        p.to_v_ip[0].weight.data.copy_(asd[f"attn2.{IP.sd_key_name(key)}.to_v_ip.weight"])
+        procs[name] = p
+    unet.set_attn_processor(procs)
+
+    g = torch.Generator().manual_seed(9)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, tm.TEXT_WIDTH, generator=g), torch.tensor([500.0, 500.0])
+    tokens = _tokens(n=n_tok)
+    with torch.no_grad():
+        ip_tokens = proj(tokens).repeat(2, 1, 1)
+        want = unet(x, t, encoder_hidden_states=(ctx, [ip_tokens])).sample
+
+        patched = P.apply_injector(m, IP.IdentityInjector(adapter, tokens, "sd15", weight=weight))
+        to = patched.model_options["transformer_options"]
+        import copy
+        to = copy.copy(to)
+        to.update({"cond_or_uncond": [0, 1], "sigmas": torch.tensor([1.0, 1.0])})
+        got = dm(x, t, context=ctx, transformer_options=to)
+        plain = dm(x, t, context=ctx, transformer_options={})
+    effect = (want - plain).abs().max()
+    assert effect > 1e-4                      # the identity does something, far above the tolerance below
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert (got - want).abs().max() < effect / 100
