@@ -1,14 +1,17 @@
-"""ComfyUI node classes (thin adapters over guidance/ and omni_encoder/).
+"""ComfyUI node classes (thin adapters over guidance/, omni_encoder/ and face/).
 
 Node ids and input names are part of every saved workflow: never rename or reorder them.
+Each module exposes ``NODES``; all are imported eagerly (see scripts/embedded_comfy.py for why).
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import tiny_models
+from . import face_tools, flashface, infinite_id, omni_id, rb_guidance, tiny_models
+
+_MODULES = (tiny_models, omni_id, flashface, rb_guidance, infinite_id, face_tools)
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    return [*tiny_models.NODES]
+    return [n for mod in _MODULES for n in mod.NODES]
 
 
 class IdentityPortraitExtension(ComfyExtension):

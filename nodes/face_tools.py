@@ -1,0 +1,2 @@
+"""ComfyUI nodes: face_tools (placeholder until its issue lands)."""
+NODES: list = []

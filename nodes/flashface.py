@@ -1,0 +1,2 @@
+"""ComfyUI nodes: flashface (placeholder until its issue lands)."""
+NODES: list = []

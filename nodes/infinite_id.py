@@ -1,0 +1,2 @@
+"""ComfyUI nodes: infinite_id (placeholder until its issue lands)."""
+NODES: list = []

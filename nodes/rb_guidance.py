@@ -1,0 +1,2 @@
+"""ComfyUI nodes: rb_guidance (placeholder until its issue lands)."""
+NODES: list = []
