@@ -221,3 +221,60 @@ def flux_single_query(block, img_tokens: torch.Tensor, vec) -> torch.Tensor:
     q = _linear_rows(block.linear1, x, slice(0, block.hidden_size))
     q = q.view(q.shape[0], q.shape[1], block.num_heads, -1).transpose(1, 2)
     return block.norm.query_norm(q).to(img_tokens.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building an adapter from stored weights, and checking it against the model it is applied to
+
+
+def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
+    """Rebuild the adapter module from its ``proj.*`` weights (prefix already removed)."""
+    try:
+        if family == "flux":
+            names = {k.split(".")[0] for k in sd}
+            n_double = len({n for n in names if n.startswith("double_")})
+            n_single = len({n for n in names if n.startswith("single_")})
+            w = sd["double_0.to_k_ip.weight"] if n_double else sd["single_0.to_k_ip.weight"]
+            a = FluxIdentityAdapter(w.shape[1], w.shape[0], n_double, n_single)
+            a.load_flat(sd, strict=True)
+        else:
+            token_dim, context_dim = sd["image_proj.0.weight"].shape[1], sd["image_proj.2.weight"].shape[0]
+            inner = {}
+            for k, t in sd.items():
+                m = re.fullmatch(r"attn2\.(input|middle|output)_(\d+)_(\d+)\.to_k_ip\.weight", k)
+                if m:
+                    inner[(m.group(1), int(m.group(2)), int(m.group(3)))] = t.shape[0]
+            a = SDIdentityAdapter(token_dim, context_dim, inner)
+            a.load_state_dict(sd, strict=True)
+    except KeyError as e:
+        raise ValueError(f"the identity weights are incomplete: missing {e}; the file is damaged or not an "
+                         f"identity-adapter file for {family}") from None
+    except RuntimeError as e:   # load_state_dict's own report of missing/unexpected keys and shapes
+        raise ValueError(f"the identity weights do not form a {family} adapter: {str(e)[:400]}") from None
+    return a.eval()
+
+
+def check_adapter_fits(adapter: nn.Module, family: str, diffusion_model) -> None:
+    """Raise a ValueError naming the mismatch when an adapter was made for another architecture."""
+    if family == "flux":
+        if not isinstance(adapter, FluxIdentityAdapter):
+            raise ValueError("these identity weights are for a UNet (SD1.5/SDXL) model, not FLUX: load the flux file")
+        want = {f"double_{i}" for i in range(len(diffusion_model.double_blocks))} | \
+               {f"single_{i}" for i in range(len(diffusion_model.single_blocks))}
+        hidden = adapter.blocks[next(iter(adapter.blocks))].to_k_ip.weight.shape[0]
+        if set(adapter.blocks) != want or hidden != diffusion_model.hidden_size:
+            raise ValueError(f"identity weights for a FLUX model with {len(adapter.blocks)} blocks of width {hidden} do not "
+                             f"match this FLUX model ({len(want)} blocks of width {diffusion_model.hidden_size})")
+        return
+    if not isinstance(adapter, SDIdentityAdapter):
+        raise ValueError("these identity weights are for a FLUX model, not a UNet (SD1.5/SDXL): load the sd15/sdxl file")
+    dims = SDIdentityAdapter.inner_dims_of(diffusion_model)
+    have = {k: adapter.attn2[sd_key_name(k)].to_k_ip.weight.shape[0] for k in dims if sd_key_name(k) in adapter.attn2}
+    if have != dims or len(adapter.attn2) != len(dims):
+        raise ValueError(f"identity weights made for a UNet with {len(adapter.attn2)} cross-attention layers do not match "
+                         f"this model ({len(dims)} layers): they are for another architecture (SD1.5 vs SDXL)")
+    from .patching import unet_attention_module
+    ctx_dim = unet_attention_module(diffusion_model, next(iter(dims)), "attn2").to_k.weight.shape[1]
+    if adapter.image_proj[2].weight.shape[0] != ctx_dim:
+        raise ValueError(f"identity weights project to a text context of width {adapter.image_proj[2].weight.shape[0]}, "
+                         f"this model's is {ctx_dim}")

@@ -117,6 +117,36 @@ def tiny_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
     return vae
 
 
+def tiny_clip_vision(seed: int = 0):
+    """ComfyUI's CLIP vision model (ViT, 224 px, patch 14 → 257 tokens) at width 64 and 2 layers."""
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+    cfg = {"hidden_act": "gelu", "hidden_size": TEXT_WIDTH, "image_size": 224, "intermediate_size": 4 * TEXT_WIDTH,
+           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+           "num_hidden_layers": 3, "patch_size": 14, "projection_dim": TEXT_WIDTH}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    cv = comfy.clip_vision.ClipVisionModel(f.name)
+    randomize_(cv.model, seed + 3)
+    return cv
+
+
+def tiny_controlnet(family: str = "sd15", seed: int = 0):
+    """ComfyUI's ControlNet (comfy.cldm.cldm.ControlNet wrapped in comfy.controlnet.ControlNet) for a tiny UNet."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    if family not in ("sd15", "sdxl"):
+        raise ValueError("the tiny ControlNet stand-in exists for the sd15 and sdxl families")
+    cfg = dict(model_config(family).unet_config)
+    cfg.pop("out_channels")
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    net = randomize_(comfy.cldm.cldm.ControlNet(**cfg), seed + 4, std=0.05)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+
+
 def tiny_conditioning(family: str, seed: int = 1, batch: int = 1, tokens: int = 77) -> list:
     """CONDITIONING as a text encoder would give it, without a text encoder (for tests)."""
     g = torch.Generator().manual_seed(seed)
@@ -159,4 +189,38 @@ class TinyModels(io.ComfyNode):
         return io.NodeOutput(tiny_model(family, seed), tiny_clip(seed), tiny_vae(family, seed))
 
 
-NODES = [TinyModels]
+class TinyClipVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_TinyClipVision", display_name="Tiny Stand-in CLIP Vision (IDP)",
+            category="identity_portrait/testing",
+            description=("A tiny random CLIP vision model (ComfyUI's class, 257 tokens of width 64) in place of "
+                         "'Load CLIP Vision' for trying identity workflows on a CPU. Pair it with stand-in Omni-ID weights."),
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+            outputs=[io.ClipVision.Output(display_name="CLIP_VISION")])
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_clip_vision(seed))
+
+
+class TinyControlNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_TinyControlNet", display_name="Tiny Stand-in ControlNet (IDP)",
+            category="identity_portrait/testing",
+            description=("A tiny random ControlNet (ComfyUI's classes) matching the tiny SD1.5/SDXL stand-in models, "
+                         "in place of 'Load ControlNet Model' to try ControlNet chains on a CPU."),
+            inputs=[io.Combo.Input("family", options=["sd15", "sdxl"], default="sd15",
+                                   tooltip="Must match the family of the tiny model it controls."),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+            outputs=[io.ControlNet.Output(display_name="CONTROL_NET")])
+
+    @classmethod
+    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_controlnet(family, seed))
+
+
+NODES = [TinyModels, TinyClipVision, TinyControlNet]

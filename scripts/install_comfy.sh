@@ -34,6 +34,8 @@ fi
 # torchaudio is a CUDA build on PyPI and raises OSError on import: leave it out entirely.
 grep -v -E '^(torch|torchvision|torchaudio)\b' "$ROOT/ComfyUI/requirements.txt" > "$ROOT/requirements-cpu.txt"
 "${PIP[@]}" torch==2.13.0 torchvision==0.28.0 requests -r "$ROOT/requirements-cpu.txt" -r "$HERE/requirements-test.txt" -r "$HERE/../requirements.txt"
+# mediapipe 0.10.21 (last release bundling FaceMesh) declares deps that would downgrade numpy: install it alone.
+"${PIP[@]}" --no-deps mediapipe==0.10.21
 # PyPI torchvision is a CUDA build: guard its two unguarded fake-op registrations so it imports beside CPU torch.
 TVM=$("$PY" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("torchvision").origin),"_meta_registrations.py"))')
 sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(q?nms)"\)/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' "$TVM"

