@@ -1,0 +1,213 @@
+"""Writes example_workflows/*.json (ComfyUI UI format) from the graph descriptions below.
+
+  python scripts/build_examples.py            (needs the embedded ComfyUI: COMFY_ROOT or ~/.cache/idportrait-comfy)
+
+Each workflow uses ComfyUI's real loader nodes and the file names users have, a Note on what to download
+and where, and per-loader ``properties.idportrait_stand_in`` entries that CI (tests/test_example_workflows.py)
+uses to swap in the tiny stand-in models. ``properties.idportrait_stand_in_file`` asks the test to write a
+tiny weight file in the real format under that loader's file name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(HERE, "example_workflows")
+
+CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+CI_SIZE = {"width": 128, "height": 128}
+
+
+def tiny(family, slot=None, **extra):
+    st = {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": 0}}
+    if slot is not None:
+        st["outputs"] = [slot]
+    return {"idportrait_stand_in": st, **extra}
+
+
+def small(**override):
+    return {"idportrait_stand_in": {"inputs_override": override}}
+
+
+def checkpoint(family, name, url):
+    return {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name},
+            "properties": {**tiny(family), "models": [{"name": name, "url": url, "directory": "checkpoints"}]}}
+
+
+def flux_loaders(g):
+    g["unet"] = {"type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
+                 "properties": tiny("flux", 0)}
+    g["clip"] = {"type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                      "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"},
+                 "properties": tiny("flux", 1)}
+    g["vae"] = {"type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}, "properties": tiny("flux", 2)}
+    return ("unet", 0), ("clip", 0), ("vae", 0)
+
+
+def omni_id_block(g, family, model, faces=("faces", 0), key="", weight=1.0, mask=None, omni_file=None):
+    omni_file = omni_file or f"omni_id_{family}.safetensors"
+    if "cv" not in g:
+        g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
+                   "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+                                  "models": [{"name": CLIP_H, "directory": "clip_vision"}]}}
+    if "omni" not in g:
+        g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file},
+                     "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": family}}}
+    g["enc" + key] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
+                                                              "faces": faces, "crop": "center"}}
+    inputs = {"model": model, "omni_id_model": ("omni", 0), "identity": ("enc" + key, 0), "weight": weight,
+              "start_at": 0.0, "end_at": 1.0, "apply_to": "cond"}
+    if mask is not None:
+        inputs["attn_mask"] = mask
+    g["apply" + key] = {"type": "IDP_OmniIDApply", "inputs": inputs}
+    return ("apply" + key, 0)
+
+
+def load_faces(g, key="faces", image="face.png"):
+    g[key] = {"type": "LoadImage", "inputs": {"image": image},
+              "properties": {"idportrait_stand_in_image": image}}
+    return (key, 0)
+
+
+def sample_and_save(g, model, pos, neg, vae, family, steps=20, cfg=7.0, size=1024, prefix="idportrait"):
+    empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
+    g["latent"] = {"type": empty, "inputs": {"width": size, "height": size, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["sampler"] = {"type": "KSampler", "inputs": {"model": model, "positive": pos, "negative": neg,
+                                                   "latent_image": ("latent", 0), "seed": 42, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "simple" if family == "flux" else "normal",
+                                                   "denoise": 1.0},
+                    "properties": small(steps=2)}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("sampler", 0), "vae": vae}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": prefix}}
+
+
+def note(text):
+    return {"type": "Note", "text": text, "pos": [40, 700]}
+
+
+OMNI_NOTE = ("Omni-ID has no official weights: train them with this pack's trainer (README, 'Training Omni-ID') and put "
+             "the .safetensors in models/omni_id. CLIP vision: {clip} in models/clip_vision (the ViT-H/14 file "
+             "IP-Adapter uses). Feed aligned face crops of ONE person (any number) to 'Omni-ID Encode Faces'.")
+
+
+def wf_flux_omni_id():
+    g = {"note": note("FLUX + Omni-ID.\n\nModels: flux1-dev.safetensors in models/unet (or diffusion_models), clip_l and "
+                      "t5xxl_fp16 in models/clip, ae.safetensors in models/vae.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    model, clip, vae = flux_loaders(g)
+    faces = load_faces(g)
+    applied = omni_id_block(g, "flux", model, faces)
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "portrait photo of a person, golden hour"}}
+    g["guid"] = {"type": "FluxGuidance", "inputs": {"conditioning": ("pos", 0), "guidance": 3.5}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    sample_and_save(g, applied, ("guid", 0), ("neg", 0), vae, "flux", cfg=1.0, prefix="flux_omni_id")
+    return g
+
+
+def wf_sdxl_omni_id():
+    g = {"note": note("SDXL + Omni-ID.\n\nModels: sd_xl_base_1.0.safetensors in models/checkpoints.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sdxl", "sd_xl_base_1.0.safetensors",
+                           "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0")
+    faces = load_faces(g)
+    applied = omni_id_block(g, "sdxl", ("ckpt", 0), faces)
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person, studio light"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, applied, ("pos", 0), ("neg", 0), ("ckpt", 2), "sdxl", cfg=5.0, prefix="sdxl_omni_id")
+    return g
+
+
+def wf_sd15_omni_id_controlnet():
+    g = {"note": note("SD1.5 + Omni-ID + ControlNet.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints; "
+                      "control_v11p_sd15_openpose.safetensors in models/controlnet; the control image is a face "
+                      "landmark/keypoint image (face tools) or any pose image.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    faces = load_faces(g)
+    applied = omni_id_block(g, "sd15", ("ckpt", 0), faces)
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person, smiling"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    g["cn"] = {"type": "ControlNetLoader", "inputs": {"control_net_name": "control_v11p_sd15_openpose.safetensors"},
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyControlNet",
+                                                      "inputs": {"family": "sd15", "seed": 0}}}}
+    control = load_faces(g, "control_image", "pose.png")
+    g["cnapply"] = {"type": "ControlNetApplyAdvanced", "inputs": {"positive": ("pos", 0), "negative": ("neg", 0),
+                                                                   "control_net": ("cn", 0), "image": control,
+                                                                   "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
+    sample_and_save(g, applied, ("cnapply", 0), ("cnapply", 1), ("ckpt", 2), "sd15", size=512,
+                    prefix="sd15_omni_id_controlnet")
+    return g
+
+
+def wf_two_identities_regions():
+    g = {"note": note("Two identities in two regions (SD1.5). Each 'Apply Omni-ID' gets its own mask (left/right half); "
+                      "chain them. Put one face set per person.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    fa = load_faces(g, "faces_a", "face.png")
+    fb = load_faces(g, "faces_b", "face_b.png")
+    g["mask_full"] = {"type": "SolidMask", "inputs": {"value": 0.0, "width": 512, "height": 512}}
+    g["mask_half"] = {"type": "SolidMask", "inputs": {"value": 1.0, "width": 256, "height": 512}}
+    g["mask_left"] = {"type": "MaskComposite", "inputs": {"destination": ("mask_full", 0), "source": ("mask_half", 0),
+                                                          "x": 0, "y": 0, "operation": "add"}}
+    g["mask_right"] = {"type": "InvertMask", "inputs": {"mask": ("mask_left", 0)}}
+    a = omni_id_block(g, "sd15", ("ckpt", 0), fa, key="_a", mask=("mask_left", 0))
+    b = omni_id_block(g, "sd15", a, fb, key="_b", mask=("mask_right", 0))
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "two people side by side, photo"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, b, ("pos", 0), ("neg", 0), ("ckpt", 2), "sd15", size=512, prefix="two_identities")
+    return g
+
+
+def wf_identity_mixing():
+    g = {"note": note("Identity mixing (SD1.5): 'Mix Identities' interpolates two encoded identities (weight_b = share of "
+                      "B) or stacks their tokens.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    fa = load_faces(g, "faces_a", "face.png")
+    fb = load_faces(g, "faces_b", "face_b.png")
+    g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}}}}
+    g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sd15.safetensors"},
+                 "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sd15"}}}
+    for k, f in (("a", fa), ("b", fb)):
+        g["enc_" + k] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
+                                                                 "faces": f, "crop": "center"}}
+    g["mix"] = {"type": "IDP_IdentityMix", "inputs": {"identity_a": ("enc_a", 0), "identity_b": ("enc_b", 0),
+                                                      "mode": "interpolate", "weight_b": 0.5}}
+    g["apply"] = {"type": "IDP_OmniIDApply", "inputs": {"model": ("ckpt", 0), "omni_id_model": ("omni", 0),
+                                                        "identity": ("mix", 0), "weight": 1.0, "start_at": 0.0,
+                                                        "end_at": 1.0, "apply_to": "cond"}}
+    g["save_id"] = {"type": "IDP_IdentitySave", "inputs": {"identity": ("mix", 0), "filename_prefix": "identities/mixed"}}
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, ("apply", 0), ("pos", 0), ("neg", 0), ("ckpt", 2), "sd15", size=512, prefix="identity_mixing")
+    return g
+
+
+WORKFLOWS = {
+    "flux_omni_id": wf_flux_omni_id,
+    "sdxl_omni_id": wf_sdxl_omni_id,
+    "sd15_omni_id_controlnet": wf_sd15_omni_id_controlnet,
+    "two_identities_two_regions": wf_two_identities_regions,
+    "identity_mixing": wf_identity_mixing,
+}
+
+
+def main():
+    import embedded_comfy  # noqa: F401  (registers every node, ours included)
+    import nodes
+    from workflow_tools import build_ui
+    os.makedirs(OUT, exist_ok=True)
+    for name, fn in WORKFLOWS.items():
+        ui = build_ui(fn(), lambda t: nodes.NODE_CLASS_MAPPINGS.get(t), lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES())
+        with open(os.path.join(OUT, name + ".json"), "w") as f:
+            json.dump(ui, f, indent=1)
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
