@@ -70,6 +70,12 @@ class Identity:
         return f"Identity({tuple(self.tokens.shape)}, from {self.num_source_images} image(s))"
 
 
+def identity_ui(ident: Identity) -> dict:
+    """UI data for the frontend's identity chip (web/js/idportrait.js)."""
+    return {"idp_identity": [{"images": int(sum(ident.num_source_images)), "tokens": int(ident.tokens.shape[-2]),
+                              "identities": int(ident.tokens.shape[0])}]}
+
+
 def load_omni_id_model(path: str) -> OmniIDModel:
     """Our format (metadata format=omni_id) or a public IP-Adapter file (CLIP baseline, SD1.5/SDXL)."""
     md = weights.read_metadata(path) if path.endswith((".safetensors", ".sft")) else {}
@@ -193,7 +199,8 @@ class OmniIDEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, omni_id_model, clip_vision, faces, crop):
-        return io.NodeOutput(encode_faces(omni_id_model, clip_vision, faces, crop == "center"))
+        ident = encode_faces(omni_id_model, clip_vision, faces, crop == "center")
+        return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
 class OmniIDApply(io.ComfyNode):
@@ -258,8 +265,8 @@ class IdentityMix(io.ComfyNode):
             tokens = mixing.stack_identities([identity_a.tokens, identity_b.tokens])
         else:
             tokens = mixing.mix_identities([identity_a.tokens, identity_b.tokens], [1.0 - weight_b, weight_b])
-        return io.NodeOutput(Identity(tokens, identity_a.num_source_images + identity_b.num_source_images,
-                                      identity_a.encoder_type))
+        ident = Identity(tokens, identity_a.num_source_images + identity_b.num_source_images, identity_a.encoder_type)
+        return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
 class IdentitySave(io.ComfyNode):

@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(HERE, "example_workflows")
 
 CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+CLIP_H_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"
 CI_SIZE = {"width": 128, "height": 128}
 
 
@@ -53,7 +54,7 @@ def omni_id_block(g, family, model, faces=("faces", 0), key="", weight=1.0, mask
     if "cv" not in g:
         g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
                    "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
-                                  "models": [{"name": CLIP_H, "directory": "clip_vision"}]}}
+                                  "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
     if "omni" not in g:
         g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file},
                      "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": family}}}

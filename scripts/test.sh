@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(bash scripts/install_comfy.sh 2> >(grep -v "is ignored: it is neither" >&2) | tail -n 1)
 export COMFY_ROOT="$ROOT"
+# Browser tests drive Debian's Chromium (never a downloaded browser); install it when we can.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "could not install chromium: browser tests will be skipped"
+fi
 set +e
 "$ROOT/venv/bin/python" -m pytest "$@"
 rc=$?

@@ -45,9 +45,16 @@ def is_widget(typ, opts) -> bool:
     return isinstance(typ, list) or typ in WIDGET_TYPES
 
 
-def widget_slots(typ, opts) -> int:
+SEED_NAMES = {"seed", "noise_seed"}   # the frontend adds a "control after generate" widget to these INTs
+
+
+def has_control(name, typ, opts) -> bool:
+    return bool(opts.get("control_after_generate")) or (typ == "INT" and name in SEED_NAMES)
+
+
+def widget_slots(name, typ, opts) -> int:
     """How many entries of widgets_values one widget input takes."""
-    return 1 + bool(opts.get("control_after_generate")) + bool(opts.get("image_upload"))
+    return 1 + has_control(name, typ, opts) + bool(opts.get("image_upload"))
 
 
 def ui_to_api(ui: dict, node_defs: Callable[[str], dict]) -> dict:
@@ -83,7 +90,7 @@ def ui_to_api(ui: dict, node_defs: Callable[[str], dict]) -> dict:
                     raise WorkflowFormatError(f"node {nid} ({n['type']}): no value for widget {name!r} "
                                               f"(widgets_values has {len(values)} entries)")
                 value = values[pos]
-                pos += widget_slots(typ, opts)
+                pos += widget_slots(name, typ, opts)
                 if name in linked:
                     inputs[name] = source(linked[name])
                 else:
@@ -169,13 +176,13 @@ def build_ui(graph: dict, node_classes: Callable[[str], Any], node_defs: Callabl
                 node["inputs"].append(entry)
                 out_links.setdefault((ids[v[0]], v[1]), []).append(lid)
                 if is_widget(t, opts):
-                    values += [opts.get("default")] + [None] * (widget_slots(t, opts) - 1)
+                    values += [opts.get("default")] + [None] * (widget_slots(name, t, opts) - 1)
                 continue
             if is_widget(t, opts):
                 if v is None:
                     v = opts.get("default", t[0] if isinstance(t, list) and t else None)
                 values.append(v)
-                if opts.get("control_after_generate"):
+                if has_control(name, t, opts):
                     values.append("fixed")
                 if opts.get("image_upload"):
                     values.append("image")
