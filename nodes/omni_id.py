@@ -203,6 +203,43 @@ class OmniIDEncode(io.ComfyNode):
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
+class OmniIDEncodeArcFace(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDP_OmniIDEncodeArcFace", display_name="Identity Encode from ArcFace (IDP)",
+            category="identity_portrait/omni_id",
+            description=("The appendix's ArcFace baselines: ArcFace embeddings of one person's faces (Face Embedding node) "
+                         "→ 256 identity tokens ('arcface' weights), or ArcFace-derived queries over CLIP tokens "
+                         "('arcface_clip' weights, which also need CLIP vision and the face crops)."),
+            inputs=[
+                OmniIDModelType.Input("omni_id_model", tooltip="Weights whose encoder_type is arcface or arcface_clip."),
+                io.Custom("IDP_FACE_EMBEDDING").Input("face_embedding", tooltip="ArcFace embeddings of the faces (one person)."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="Needed by arcface_clip weights."),
+                io.Image.Input("faces", optional=True, tooltip="The aligned face crops (arcface_clip weights)."),
+            ],
+            outputs=[OmniIDType.Output(display_name="OMNI_ID")])
+
+    @classmethod
+    def execute(cls, omni_id_model, face_embedding, clip_vision=None, faces=None):
+        m = omni_id_model
+        if m.encoder_type not in ("arcface", "arcface_clip"):
+            raise ValueError(f"these weights are an {m.encoder_type} encoder: use 'Omni-ID Encode Faces' instead")
+        emb = face_embedding.embeddings
+        if emb.shape[0] == 0:
+            raise ValueError("no ArcFace embedding: the Face Embedding node found no face")
+        clip_tokens = None
+        if m.encoder_type == "arcface_clip":
+            if clip_vision is None or faces is None:
+                raise ValueError("arcface_clip weights also need CLIP vision and the face crops: connect both")
+            clip_tokens = torch.cat([clip_vision.encode_image(faces[i:i + 1], crop=True)["penultimate_hidden_states"]
+                                     for i in range(faces.shape[0])])[None].float()
+        with torch.no_grad():
+            tokens = m.encoder(clip_tokens=clip_tokens, arcface=emb[None].float())
+        ident = Identity(tokens.float(), [int(emb.shape[0])], m.encoder_type)
+        return io.NodeOutput(ident, ui=identity_ui(ident))
+
+
 class OmniIDApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -317,4 +354,4 @@ def _input_identities() -> list:
     return sorted(out)
 
 
-NODES = [OmniIDLoader, IPAdapterFullFaceLoader, OmniIDEncode, OmniIDApply, IdentityMix, IdentitySave, IdentityLoad]
+NODES = [OmniIDLoader, IPAdapterFullFaceLoader, OmniIDEncode, OmniIDEncodeArcFace, OmniIDApply, IdentityMix, IdentitySave, IdentityLoad]

@@ -169,3 +169,21 @@ def test_public_ip_adapter_file_loads_as_clip_baseline_and_applies():
     assert patched is not model
     with pytest.raises(ValueError, match="FLUX"):
         N.OmniIDApply.execute(tm.tiny_model("flux"), m, ident, 1.0, 0.0, 1.0, "cond")
+
+
+def test_arcface_baseline_encode_node():
+    from idportrait.nodes.face_tools import FaceEmbedding
+    cfg = OmniIDConfig(encoder_type="arcface", token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
+    from idportrait.omni_encoder.baselines import build_encoder
+    enc = build_encoder(cfg)
+    m = N.OmniIDModel(enc, None, "sd15", W.IdentityWeightsMeta(config=cfg, base_family="sd15", injected_blocks="all"))
+    emb = torch.nn.functional.normalize(torch.randn(3, 512), dim=-1)
+    ident = N.OmniIDEncodeArcFace.execute(m, FaceEmbedding(emb, [0, 1, 2])).result[0]
+    assert ident.tokens.shape == (1, 16, 32) and ident.num_source_images == [3]
+    again = N.OmniIDEncodeArcFace.execute(m, FaceEmbedding(emb[[2, 0, 1]], [0, 1, 2])).result[0]
+    torch.testing.assert_close(ident.tokens, again.tokens)      # order of the faces does not matter
+    with pytest.raises(ValueError, match="no ArcFace embedding"):
+        N.OmniIDEncodeArcFace.execute(m, FaceEmbedding(emb[:0], []))
+    omni = N.load_omni_id_model(os.path.join(MODELS, write_weights("sd15")))
+    with pytest.raises(ValueError, match="Omni-ID Encode Faces"):
+        N.OmniIDEncodeArcFace.execute(omni, FaceEmbedding(emb, [0, 1, 2]))
