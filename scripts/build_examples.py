@@ -124,17 +124,29 @@ def wf_sdxl_omni_id():
 def wf_sd15_omni_id_controlnet():
     g = {"note": note("SD1.5 + Omni-ID + ControlNet.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints; "
                       "control_v11p_sd15_openpose.safetensors in models/controlnet; the control image is a face "
-                      "landmark/keypoint image (face tools) or any pose image.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+                      "keypoint image of the face in 'pose.png' (face tools), so the identity from 'face.png' takes that pose.\n" + OMNI_NOTE.format(clip=CLIP_H))}
     g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
                            "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
-    faces = load_faces(g)
-    applied = omni_id_block(g, "sd15", ("ckpt", 0), faces)
+    g["det"] = {"type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280, "provider": "CPU"}}
+    photos = load_faces(g)
+    g["align"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": photos, "crop_size": "224",
+                                                            "padding": 0.0, "order": "largest", "face_index": 0,
+                                                            "min_face_size": 0, "skip_images_without_face": False}}
+    applied = omni_id_block(g, "sd15", ("ckpt", 0), ("align", 0))
+    pose_photo = load_faces(g, "pose_photo", "pose.png")
+    g["pose_faces"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": pose_photo,
+                                                                 "crop_size": "224", "padding": 0.0, "order": "largest",
+                                                                 "face_index": 0, "min_face_size": 0,
+                                                                 "skip_images_without_face": False}}
+    g["landmark_image"] = {"type": "IDP_FaceLandmarkImage", "inputs": {"faces": ("pose_faces", 1),
+                                                                       "style": "5 keypoints (InstantID)", "point_size": 0,
+                                                                       "faces_to_use": "selected"}}
     g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person, smiling"}}
     g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
     g["cn"] = {"type": "ControlNetLoader", "inputs": {"control_net_name": "control_v11p_sd15_openpose.safetensors"},
                "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyControlNet",
                                                       "inputs": {"family": "sd15", "seed": 0}}}}
-    control = load_faces(g, "control_image", "pose.png")
+    control = ("landmark_image", 0)
     g["cnapply"] = {"type": "ControlNetApplyAdvanced", "inputs": {"positive": ("pos", 0), "negative": ("neg", 0),
                                                                    "control_net": ("cn", 0), "image": control,
                                                                    "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
@@ -189,12 +201,35 @@ def wf_identity_mixing():
     return g
 
 
+def wf_face_metrics():
+    g = {"note": note("Scoring generated images with the papers' metrics: ArcFace ID similarity (needs an insightface "
+                      "pack, antelopev2 or buffalo_l, in models/insightface/models/<name>), pose, CLIP-I/CLIP-T when a "
+                      "CLIP model is connected. Results: JSON text and a bar chart.")}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, ("ckpt", 0), ("pos", 0), ("neg", 0), ("ckpt", 2), "sd15", size=512, prefix="scored")
+    g["insightface"] = {"type": "IDP_FaceInsightFaceLoader", "inputs": {"pack": "antelopev2", "provider": "CPU",
+                                                                        "det_size": 640, "det_thresh": 0.5},
+                        "properties": {"idportrait_stand_in": {"class_type": "IDP_FaceDetectorLoader",
+                                                               "inputs": {"score_threshold": 0.8, "max_size": 1280,
+                                                                          "provider": "CPU"}}}}
+    refs = load_faces(g, "references", "face.png")
+    g["metrics"] = {"type": "IDP_FaceMetrics", "inputs": {"face_analysis": ("insightface", 0), "generated": ("decode", 0),
+                                                          "references": refs, "prompts": "portrait photo of a person",
+                                                          "missing_face": "exclude"}}
+    g["show"] = {"type": "PreviewImage", "inputs": {"images": ("metrics", 1)}}
+    return g
+
+
 WORKFLOWS = {
     "flux_omni_id": wf_flux_omni_id,
     "sdxl_omni_id": wf_sdxl_omni_id,
     "sd15_omni_id_controlnet": wf_sd15_omni_id_controlnet,
     "two_identities_two_regions": wf_two_identities_regions,
     "identity_mixing": wf_identity_mixing,
+    "face_metrics": wf_face_metrics,
 }
 
 

@@ -70,7 +70,7 @@ def test_example_workflow_runs_with_stand_ins(path):
 
 
 def test_converter_rejects_reordered_or_renamed_widgets():
-    with open(EXAMPLES[0]) as f:
+    with open(os.path.join(harness.REPO, "example_workflows", "flux_omni_id.json")) as f:
         ui = json.load(f)
     node = next(n for n in ui["nodes"] if n["type"] == "IDP_OmniIDApply")
     node["widgets_values"] = node["widgets_values"] + [0.5]          # an extra (unknown) widget value
