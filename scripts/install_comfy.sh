@@ -5,7 +5,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=${COMFY_ROOT:-$HOME/.cache/idportrait-comfy}
 CONSTRAINTS=${CONSTRAINTS:-$HERE/comfy-constraints.txt}
-STAMP="$ROOT/.ok-$(sha1sum "$CONSTRAINTS" "$HERE/install_comfy.sh" "$HERE/requirements-test.txt" "$HERE/../requirements.txt" | sha1sum | cut -c1-12)"
+STAMP="$ROOT/.ok-$(sha1sum "$CONSTRAINTS" "$HERE/install_comfy.sh" "$HERE/requirements-test.txt" "$HERE/../requirements.txt" "$HERE/../requirements-train.txt" | sha1sum | cut -c1-12)"
 if [ -f "$STAMP" ]; then echo "$ROOT"; exit 0; fi
 mkdir -p "$ROOT"
 [ -x "$ROOT/venv/bin/python" ] || python3 -m venv "$ROOT/venv"
@@ -33,7 +33,7 @@ PYEOF
 fi
 # torchaudio is a CUDA build on PyPI and raises OSError on import: leave it out entirely.
 grep -v -E '^(torch|torchvision|torchaudio)\b' "$ROOT/ComfyUI/requirements.txt" > "$ROOT/requirements-cpu.txt"
-"${PIP[@]}" torch==2.13.0 torchvision==0.28.0 requests -r "$ROOT/requirements-cpu.txt" -r "$HERE/requirements-test.txt" -r "$HERE/../requirements.txt"
+"${PIP[@]}" torch==2.13.0 torchvision==0.28.0 requests -r "$ROOT/requirements-cpu.txt" -r "$HERE/requirements-test.txt" -r "$HERE/../requirements.txt" -r "$HERE/../requirements-train.txt"
 # mediapipe 0.10.21 (last release bundling FaceMesh) declares deps that would downgrade numpy: install it alone.
 "${PIP[@]}" --no-deps mediapipe==0.10.21
 # PyPI torchvision is a CUDA build: guard its two unguarded fake-op registrations so it imports beside CPU torch.

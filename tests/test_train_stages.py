@@ -1,0 +1,254 @@
+"""Trainer end to end on tiny models: both Omni-ID stages, the adapter-only and Pivot ID trainers, resume,
+gradient checkpointing, mixed precision, and the exported file in the real Omni-ID nodes."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import comfy.patcher_extension
+import nodes as comfy_nodes
+
+import harness  # noqa: F401
+from idportrait.guidance.patching import apply_injector
+from idportrait.nodes import omni_id as N
+from idportrait.nodes import tiny_models as tm
+from idportrait.omni_encoder.train import flow as FL
+from idportrait.omni_encoder.train import synthetic as S
+from idportrait.omni_encoder.train import trunk as TR
+from idportrait.omni_encoder.train.data import collate_identities, load_records
+from idportrait.omni_encoder.train.engine import build_loader, build_stage, train
+from idportrait.omni_encoder.train.export import read_encoder_weights
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and on a shared CI machine OpenMP spin-waiting of
+    several threads per process can slow these tests down by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope="module")
+def ds2(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ds2"))
+    S.make_identity_dataset(root, identities=2, images=8, size=64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mtd_run(ds2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mtd"))
+    cfg = S.tiny_config("mtd", ds2, out, optim={"max_steps": 15}, data={"num_inputs": [1, 2]},
+                        log={"image_every": 15, "probe": True})
+    return cfg, train(cfg)
+
+
+def _images(root, name, idx, size):
+    from PIL import Image
+    import numpy as np
+    out = []
+    for i in idx:
+        im = Image.open(os.path.join(root, name, f"{i:03d}.png")).convert("RGB").resize((size, size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(im, np.float32) / 255.0))
+    return torch.stack(out)   # IMAGE (N, H, W, 3)
+
+
+def _sample(model, family, seed=1):
+    c = tm.tiny_conditioning(family)
+    latent = {"samples": torch.zeros(1, tm.latent_channels(family), 8, 8)}
+    return comfy_nodes.common_ksampler(model, seed, 2, 2.0, "euler", "normal", c, tm.tiny_conditioning(family, seed=7),
+                                       latent)[0]["samples"]
+
+
+def test_mtd_stage_overfits_and_writes_stage1_encoder(mtd_run):
+    cfg, res = mtd_run
+    probe = res["probe"]
+    assert probe[15] < 0.75 * probe[0], probe                        # fixed-batch loss falls on the overfit subset
+    enc_cfg, sd = read_encoder_weights(res["exported"]["encoder"])
+    assert enc_cfg == cfg.encoder_config and "queries" in sd
+    assert os.path.isfile(os.path.join(cfg.output_dir, "images", "step_0000015.png"))
+    assert os.path.isfile(os.path.join(cfg.output_dir, "config.yaml"))
+
+
+def test_flux_flow_stage_overfits_and_export_loads_and_samples_in_nodes(mtd_run, ds2, tmp_path):
+    cfg = S.tiny_config("flow", ds2, str(tmp_path), family="flux", optim={"max_steps": 12, "lr": 1e-2},
+                        data={"num_inputs": [1, 2]}, init={"encoder": mtd_run[1]["exported"]["encoder"]},
+                        log={"probe": True})
+    res = train(cfg)
+    assert res["probe"][12] < 0.99 * res["probe"][0], res["probe"]
+    path = res["exported"]["weights"]
+    m = N.load_omni_id_model(path)
+    assert m.family == "flux" and m.meta.extra["trainer_stage"] == "flow"
+    # the node's encode path gives the tokens the trainer computed (same CLIP preprocessing and tokens)
+    cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
+    faces = _images(ds2, "person_00", [0, 3, 5], S.TINY_TRUNK_SIZE)
+    ident = N.encode_faces(m, cv, faces, crop=True)
+    with torch.no_grad():
+        mine = m.encoder(clip_tokens=TR.CLIPTrunk.from_comfy(cv)(faces.permute(0, 3, 1, 2))[None])
+    torch.testing.assert_close(ident.tokens, mine, rtol=1e-5, atol=1e-5)
+    # the training injection computes what the node's injection computes
+    model = tm.tiny_model("flux", 0)
+    node_model = N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond+uncond").result[0]
+    inj = FL.TrainableIdentityInjector(m.adapter, "flux")
+    train_model = apply_injector(model, inj)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 0.7])
+    conds = node_model.model.extra_conds(cross_attn=torch.randn(1, 5, tm.TEXT_WIDTH), pooled_output=torch.zeros(1, 64),
+                                         guidance=1.0, noise=x, device="cpu")
+    kw = {k: v.process_cond(batch_size=2, device="cpu", area=None).cond for k, v in conds.items()}
+    outs = []
+    for patched in (node_model, train_model):
+        to = dict(patched.model_options["transformer_options"])
+        to.update(wrappers=comfy.patcher_extension.copy_nested_dicts(patched.wrappers), sigmas=sigma, cond_or_uncond=[0])
+        with torch.no_grad():
+            inj.set_identity({k: (a.repeat(2, 1, 1), b.repeat(2, 1, 1)) for k, (a, b) in
+                              FL.adapter_kv(m.adapter, "flux", ident.tokens).items()})
+            outs.append(patched.model.apply_model(x, sigma, transformer_options=to, **kw))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    # and it samples in ComfyUI, differently with and without the identity
+    with_id = _sample(node_model, "flux")
+    without = _sample(N.OmniIDApply.execute(model, m, ident, 0.0, 0.0, 1.0, "cond").result[0], "flux")
+    assert torch.isfinite(with_id).all() and not torch.allclose(with_id, without)
+
+
+def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path):
+    cfg = S.tiny_config("flow", ds2, str(tmp_path / "sd"), family="sd15", optim={"max_steps": 2},
+                        trunk={"trainable": True})
+    res = train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in res["losses"].values())
+    m = N.load_omni_id_model(res["exported"]["weights"])
+    assert m.family == "sd15" and m.meta.extra["trunk_trained"] == "1"
+    trunk_sd = load_file(res["exported"]["clip_vision"])
+    cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
+    assert set(trunk_sd) == set(cv.model.state_dict())                 # ComfyUI CLIP vision layout
+    cv.load_sd(trunk_sd)
+    ident = N.encode_faces(m, cv, _images(ds2, "person_01", [1, 2], 64), crop=True)
+    model = tm.tiny_model("sd15", 0)
+    out = _sample(N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond").result[0], "sd15")
+    assert torch.isfinite(out).all()
+
+    # adapter-only: frozen CLIP tokens (variable input counts: padded keys are masked) ...
+    clip_enc = dict(S.TINY_ENCODER, encoder_type="clip")
+    cfg = S.tiny_config("adapter", ds2, str(tmp_path / "clip"), family="sd15", encoder=clip_enc,
+                        optim={"max_steps": 2}, data={"num_inputs": [1, 3]})
+    res = train(cfg)
+    m = N.load_omni_id_model(res["exported"]["weights"])
+    assert m.encoder_type == "clip" and os.path.basename(res["exported"]["weights"]) == "clip_sd15.safetensors"
+    ident = N.encode_faces(m, TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE), _images(ds2, "person_00", [0, 1], 64), crop=True)
+    assert ident.tokens.shape == (1, 2 * 17, 64)
+    N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond")
+    # ... and ArcFace (embeddings from a pluggable function; insightface in real runs)
+    proj = torch.randn(3 * 8 * 8, 512, generator=torch.Generator().manual_seed(0))
+
+    def arcface_fn(images):
+        small = torch.nn.functional.interpolate(images, size=(8, 8), mode="area")
+        return torch.nn.functional.normalize(small.flatten(1) @ proj.to(images.device), dim=-1)
+
+    cfg = S.tiny_config("adapter", ds2, str(tmp_path / "arc"), family="flux",
+                        encoder=dict(S.TINY_ENCODER, encoder_type="arcface"), optim={"max_steps": 2})
+    res = train(cfg, arcface_fn=arcface_fn)
+    m = N.load_omni_id_model(res["exported"]["weights"])
+    assert m.encoder_type == "arcface" and m.family == "flux"
+    with pytest.raises(ValueError, match="ArcFace"):
+        build_stage(cfg, torch.device("cpu"), None)
+
+
+def test_resume_reproduces_the_next_step_loss_and_weights(tmp_path):
+    root = str(tmp_path / "ds")
+    S.make_identity_dataset(root, identities=6, images=8, size=56)
+    sections = dict(optim={"max_steps": 3}, trunk={"trainable": True}, engine={"ema_decay": 0.9},
+                    data={"num_inputs": [1, 2], "hflip": 0.5, "color_jitter": 0.1})
+    full = train(S.tiny_config("mtd", root, str(tmp_path / "a"), **sections))
+    cfg_b = S.tiny_config("mtd", root, str(tmp_path / "b"), **sections)
+    first = train(cfg_b, stop_at_step=2)          # 3 batches per epoch: stops mid-epoch
+    assert first["step"] == 2 and first["losses"] == {k: full["losses"][k] for k in (1, 2)}
+    resumed = train(cfg_b, resume="latest")
+    assert resumed["step"] == 3 and list(resumed["losses"]) == [3]
+    assert resumed["losses"][3] == pytest.approx(full["losses"][3], rel=1e-6, abs=1e-7)
+    a, b = load_file(full["exported"]["encoder"]), load_file(resumed["exported"]["encoder"])   # EMA weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_keeps_gradients_and_inference_tensors_are_fixed(ds2, tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        cfg = S.tiny_config("flow", ds2, str(tmp_path), family="flux", engine={"gradient_checkpointing": ckpt},
+                            trunk={"trainable": True})
+        torch.manual_seed(0)
+        stage = build_stage(cfg, torch.device("cpu"))
+        ds, _, _ = build_loader(cfg, load_records(cfg.data))
+        batch = collate_identities([ds[(0, 0)], ds[(0, 1)]])
+        torch.manual_seed(1)
+        with torch.no_grad():   # non-zero identity projections, so every path carries gradient
+            for p in stage.adapter.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        stage.module(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in stage.module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("identity.trunk") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
+    # ComfyUI loads models inside inference_mode when a workflow runs: such weights cannot be backpropagated
+    with torch.inference_mode():
+        model = tm.tiny_model("sd15", 0)
+    dm = model.model.diffusion_model
+    assert TR.count_inference_tensors(dm) > 0
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    ctx = torch.randn(1, 3, tm.TEXT_WIDTH)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        dm(x, torch.full((1,), 500.0), context=ctx).sum().backward()
+    assert TR.ensure_trainable_tensors(dm) > 0 and TR.count_inference_tensors(dm) == 0
+    x.grad = None
+    dm(x, torch.full((1,), 500.0), context=ctx).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bf16_accumulation_ema_checkpointing_and_pivot_smoke(ds2, tmp_path):
+    cfg = S.tiny_config("flow", ds2, str(tmp_path / "bf16"), family="flux", optim={"max_steps": 2, "grad_accum": 2,
+                        "batch_size": 1}, engine={"mixed_precision": "bf16", "ema_decay": 0.5,
+                                                   "gradient_checkpointing": True}, log={"image_every": 1})
+    res = train(cfg)
+    assert len(res["losses"]) == 2 and all(v == v and abs(v) < 1e3 for v in res["losses"].values())
+    ckpt = res["checkpoints"][-1]
+    assert os.path.isfile(os.path.join(ckpt, "custom_checkpoint_2.pkl"))        # state, scheduler, EMA
+    assert os.path.isfile(os.path.join(cfg.output_dir, "images", "step_0000001.png"))
+    N.load_omni_id_model(res["exported"]["weights"])
+    # Pivot ID encoder (OmniPortrait Eq. 5) on the shared loop
+    cfg = S.tiny_config("pivot", ds2, str(tmp_path / "pivot"), family="sd15", optim={"max_steps": 2},
+                        base={"prompt": "photo of a person."}, trunk={"trainable": True})
+    res = train(cfg)
+    with safe_open(res["exported"]["pivot"], framework="pt") as f:
+        assert f.metadata()["format"] == "pivot_id" and set(f.keys()) == {"proj.weight", "proj.bias"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in res["losses"].values())
+
+
+def test_inplace_protection_gives_exact_gradients_through_a_comfyui_flux_block():
+    """ComfyUI's FLUX blocks add residuals in place; with protect_inplace autograd works and is exact
+    (checked against central differences in float64), without it backward is refused."""
+    dm = tm.tiny_model("flux", 0).model.diffusion_model.double()
+    dm.requires_grad_(False)
+    blk = dm.single_blocks[0]
+    vec = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def f(x, protect=True):
+        xx = x * 1.0
+        if not protect:
+            return (blk(xx, vec=vec, pe=None) ** 2).sum()
+        with TR.protect_inplace([xx]):
+            return (blk(xx, vec=vec, pe=None) ** 2).sum()
+
+    x = torch.randn(2, 12, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        f(x, protect=False).backward()
+    x.grad = None
+    f(x).backward()
+    for idx in [(0, 3, 5), (1, 10, 20), (0, 0, 63)]:
+        e = torch.zeros_like(x)
+        e[idx] = 1e-6
+        with torch.no_grad():
+            fd = (f(x + e, False) - f(x - e, False)) / 2e-6
+        assert float(x.grad[idx]) == pytest.approx(float(fd), rel=1e-5, abs=1e-7)
