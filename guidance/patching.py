@@ -8,6 +8,10 @@ How it hooks into ComfyUI (public patch points only; no private forward is copie
 * FLUX: ``patches_replace["dit"][("double_block"|"single_block", i)]``. Each injector wraps the call
   of the original block (``extra["original_block"]``), so it can change the inputs, the attention (via
   ``optimized_attention_override`` for the duration of the block) or the outputs.
+* UNet, only for injectors that ask for it: ``patches["attn1_patch"|"attn2_patch"]`` records the
+  attention input (the normed hidden states, ``CallContext.x``) and ``patches["attn1_output_patch"|
+  "attn2_output_patch"]`` runs the ``attn1_output``/``attn2_output`` hooks on the attention output
+  after ``to_out``, before the residual (for modules with their own output projection).
 * One ``DIFFUSION_MODEL`` wrapper per patched model records the latent shape and the diffusion model
   in the transformer options of that call (for token grids and block access) and gives every injector
   a once-per-model-call hook (``on_model_call``), e.g. for a reference pass.
@@ -20,7 +24,8 @@ the input model (and every earlier clone) keeps its options.
 
 Each injector is active only between its start and end percent, converted to sigmas with the model's
 own ``model_sampling``, and only on the rows it asks for (cond, uncond or both), read from
-``cond_or_uncond`` (ComfyUI: 0 = cond, 1 = uncond).
+``cond_or_uncond`` (ComfyUI: 0 = cond, 1 = uncond). A caller that batches extra condition chunks
+(labels 2, 3, ...) names their role in ``transformer_options[ROLES_KEY]`` ({label: COND|UNCOND}).
 """
 from __future__ import annotations
 
@@ -42,11 +47,15 @@ LAYER_KEY = "idportrait_layer"          # transformer_options key holding the cu
 WRAPPER_KEY = "idportrait"              # wrapper key on the ModelPatcher
 SHAPE_KEY = "idportrait_latent_shape"   # transformer_options key set for each model call
 MODEL_KEY = "idportrait_diffusion_model"
+STREAMS_KEY = "idportrait_streams"     # transformer_options key: per-chunk row layout of named streams
+ROLES_KEY = "idportrait_cond_roles"     # transformer_options: {chunk label: COND|UNCOND} for labels >= 2
+INPUT_KEY = "idportrait_{}_input"       # extra_options: the input of attn1/attn2 (after norm1/norm2)
 
 COND, UNCOND = 0, 1
 APPLY_TO = ("both", "cond", "uncond")
 
 SD_KINDS = ("attn1", "attn2")
+SD_OUTPUT_KINDS = ("attn1_output", "attn2_output")
 DIT_KINDS = ("double", "single")
 
 
@@ -87,13 +96,18 @@ def unet_attention_module(diffusion_model, key, kind: str):
     raise KeyError(f"no transformer block at {key}")
 
 
-def row_mask(cond_or_uncond: Optional[list], batch: int, apply_to: str, device=None) -> Optional[torch.Tensor]:
-    """Bool (batch,) of the rows an injector acts on; None means every row."""
+def row_mask(cond_or_uncond: Optional[list], batch: int, apply_to: str, device=None,
+             roles: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """Bool (batch,) of the rows an injector acts on; None means every row.
+
+    ``roles`` maps extra chunk labels (>= 2) to COND or UNCOND; unmapped labels match neither.
+    """
     if apply_to == "both" or not cond_or_uncond:
         return None
     want = COND if apply_to == "cond" else UNCOND
+    roles = roles or {}
     chunk = batch // len(cond_or_uncond)
-    rows = torch.tensor([c == want for c in cond_or_uncond for _ in range(chunk)], device=device)
+    rows = torch.tensor([roles.get(c, c) == want for c in cond_or_uncond for _ in range(chunk)], device=device)
     return rows
 
 
@@ -115,6 +129,80 @@ def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int) -> torc
     return m
 
 
+def stream_layout(transformer_options: dict) -> Optional[tuple]:
+    """The ``((name, rows), ...)`` layout every chunk of this call follows, or None."""
+    lay = (transformer_options or {}).get(STREAMS_KEY)
+    return tuple((str(n), int(r)) for n, r in lay) if lay else None
+
+
+def stream_rows(transformer_options: dict, batch: int, name: str, apply_to: str = "both",
+                device=None) -> Optional[torch.Tensor]:
+    """Row indices (long, chunk-major) of stream ``name`` in the chunks ``apply_to`` selects.
+
+    None when the call has no stream layout or the batch does not follow it (then nobody should
+    treat any row as belonging to a stream); an empty tensor when the stream has no rows here.
+    """
+    lay = stream_layout(transformer_options)
+    if lay is None:
+        return None
+    size = sum(r for _, r in lay)
+    if size <= 0 or batch % size:
+        return None
+    cou = (transformer_options or {}).get("cond_or_uncond") or []
+    chunks = batch // size
+    if cou and len(cou) != chunks:
+        return None
+    offset, count = 0, 0
+    for n, r in lay:
+        if n == name:
+            count = r
+            break
+        offset += r
+    want = None if apply_to == "both" else (COND if apply_to == "cond" else UNCOND)
+    roles = (transformer_options or {}).get("idportrait_cond_roles") or {}   # labels >= 2 (see ROLES_KEY)
+    rows = [c * size + offset + i for c in range(chunks) for i in range(count)
+            if want is None or not cou or roles.get(cou[c], cou[c]) == want]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def stream_pairs(transformer_options: dict, batch: int, a: str, b: str, apply_to: str = "both", device=None):
+    """(rows of stream a, the rows of stream b at the same position of the same chunk), or None.
+
+    Needs both streams present with the same number of rows per chunk.
+    """
+    lay = stream_layout(transformer_options)
+    ra = stream_rows(transformer_options, batch, a, apply_to, device)
+    if ra is None:
+        return None
+    counts = dict(lay)
+    if counts.get(a, 0) == 0 or counts.get(a) != counts.get(b):
+        return None
+    names = [n for n, _ in lay]
+    off = lambda n: sum(r for m, r in lay[:names.index(n)])   # noqa: E731
+    return ra, ra + (off(b) - off(a))
+
+
+def chain_attention_override(transformer_options: dict, fn: Callable) -> dict:
+    """A shallow copy of ``transformer_options`` whose attention override runs ``fn`` on top of any other.
+
+    ``fn(attend, *args, **kwargs)`` receives ``attend``, which computes the attention exactly as it
+    would be computed without ``fn`` (ComfyUI's function, or through the override installed before),
+    plus the arguments of ``optimized_attention`` (q, k, v, heads, mask=..., skip_reshape=..., ...).
+    ``fn`` must accept and forward unknown keyword arguments.
+    """
+    prev = transformer_options.get("optimized_attention_override")
+
+    def override(func, *args, **kwargs):
+        if prev is None:
+            attend = func
+        else:
+            def attend(*a, **kw):
+                return prev(func, *a, **kw)
+        return fn(attend, *args, **kwargs)
+
+    return {**transformer_options, "optimized_attention_override": override}
+
+
 @dataclass
 class CallContext:
     """What an injector sees at one hook call."""
@@ -130,6 +218,8 @@ class CallContext:
     v: Optional[torch.Tensor] = None
     n_heads: int = 0
     txt_len: int = 0                 # FLUX: number of text tokens (single blocks: txt comes first)
+    batch: int = 0                   # rows of this call's batch
+    x: Optional[torch.Tensor] = None  # UNet: the attention's input (norm1/norm2 output), when recorded
 
     @property
     def latent_shape(self):
@@ -141,7 +231,7 @@ class CallContext:
 
     def grid(self) -> tuple[int, int]:
         """Token grid (h, w) of this block."""
-        if self.kind in SD_KINDS:
+        if self.kind in SD_KINDS + SD_OUTPUT_KINDS:
             return tuple(self.transformer_options["activations_shape"][-2:])
         H, W = self.latent_shape[-2:]
         return (math.ceil(H / 2), math.ceil(W / 2))   # FLUX patchifies 2x2 (padding to even)
@@ -152,9 +242,17 @@ class CallContext:
     def module(self):
         """UNet: the CrossAttention module of this hook; FLUX: the Double/SingleStreamBlock."""
         dm = self.diffusion_model
-        if self.kind in SD_KINDS:
-            return unet_attention_module(dm, self.key, self.kind)
+        if self.kind in SD_KINDS + SD_OUTPUT_KINDS:
+            return unet_attention_module(dm, self.key, self.kind[:5])
         return (dm.double_blocks if self.kind == "double" else dm.single_blocks)[self.key[1]]
+
+    def stream_rows(self, name: str, apply_to: str = "both") -> Optional[torch.Tensor]:
+        """Row indices of stream ``name`` in this call (see ``stream_rows``); None without a layout."""
+        batch = self.batch
+        if not batch:
+            shape = self.q.shape if self.q is not None else self.transformer_options.get(SHAPE_KEY, (0,))
+            batch = shape[0]
+        return stream_rows(self.transformer_options, batch, name, apply_to)
 
     def mix(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """new on this injector's rows, old elsewhere (exactly)."""
@@ -168,11 +266,16 @@ class Injector:
 
     Hooks (all must accept and ignore unknown keyword arguments):
       attn1(ctx, out, **kw) / attn2(ctx, out, **kw) -> out     UNet self-/cross-attention output (B, L, inner)
+      attn1_output(ctx, out, **kw) / attn2_output(...) -> out  UNet attention output after to_out (B, L, C);
+                                                               ctx.x is the attention's input
       double_block(ctx, args, call, **kw) / single_block(...) -> dict   FLUX: call(args) runs the inner chain
-      on_model_call(transformer_options, x, timestep, **kw)    once per diffusion-model call
+      on_model_call(transformer_options, x, timestep, **kw)    once per diffusion-model call; kw has
+                                                               call_args/call_kwargs: the diffusion
+                                                               model's own arguments (x, t, context, ...)
     """
     name = "injector"
     kinds: tuple = ()   # which hook kinds this injector implements
+    needs_input = False  # UNet: record the attention input (ctx.x) for attn1/attn2 hooks too
 
     def __init__(self, start_percent: float = 0.0, end_percent: float = 1.0, apply_to: str = "both",
                  blocks: Optional[Iterable] = None):
@@ -277,11 +380,62 @@ class _UnetAttnHook(_Hook):
             return base
         out = base
         cou = extra_options.get("cond_or_uncond") or []
+        x = extra_options.get(INPUT_KEY.format(self.kind))
         for inj in injectors:
-            rows = row_mask(cou, q.shape[0], inj.apply_to, q.device)
+            rows = row_mask(cou, q.shape[0], inj.apply_to, q.device, extra_options.get(ROLES_KEY))
             ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou,
                               transformer_options=extra_options, rows=rows, base=base, q=q, k=k, v=v,
-                              n_heads=extra_options["n_heads"])
+                              n_heads=extra_options["n_heads"], x=x)
+            new = getattr(inj, self.kind)(ctx, out)
+            out = ctx.mix(new, out)
+        return out
+
+
+def _unet_key(extra_options) -> Optional[tuple]:
+    block = extra_options.get("block")
+    return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
+
+
+class _UnetInputHook:
+    """``attn1_patch``/``attn2_patch``: records the attention input for this block call, unchanged.
+
+    ComfyUI builds one ``extra_options`` dict per transformer block call and hands the same dict to
+    the input patch, the replace patch and the output patch, so the record lives exactly that long.
+    """
+
+    def __init__(self, kind: str):
+        self.kind, self.slot = kind, INPUT_KEY.format(kind)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        if "extra_options" in kwargs:   # newer ComfyUI also calls attn1_patch from FLUX blocks: not ours
+            return {"q": args[0], "k": args[1], "v": args[2], "pe": kwargs.get("pe"),
+                    "attn_mask": kwargs.get("attn_mask")}
+        n, context, value, extra_options = args[:4]
+        extra_options[self.slot] = n
+        return n, context, value
+
+
+class _UnetOutputHook(_Hook):
+    """``attn1_output_patch``/``attn2_output_patch``: the attention output after ``to_out``."""
+
+    def __call__(self, n, extra_options, **kwargs):
+        key = _unet_key(extra_options)
+        if key is None:
+            return n
+        injectors, sigma = self.layer.active_for(self.kind, key, extra_options)
+        if not injectors:
+            return n
+        cou = extra_options.get("cond_or_uncond") or []
+        x = extra_options.get(INPUT_KEY.format(self.kind[:5]))
+        base, out = n, n
+        for inj in injectors:
+            rows = row_mask(cou, n.shape[0], inj.apply_to, n.device, extra_options.get(ROLES_KEY))
+            ctx = CallContext(kind=self.kind, key=key, sigma=sigma, cond_or_uncond=cou,
+                              transformer_options=extra_options, rows=rows, base=base,
+                              n_heads=extra_options.get("n_heads", 0), x=x)
             new = getattr(inj, self.kind)(ctx, out)
             out = ctx.mix(new, out)
         return out
@@ -309,7 +463,8 @@ class _DitHook(_Hook):
         call = inner
         for inj in injectors:
             ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou, transformer_options=to,
-                              rows=row_mask(cou, batch, inj.apply_to, args["img"].device), txt_len=txt_len)
+                              rows=row_mask(cou, batch, inj.apply_to, args["img"].device, to.get(ROLES_KEY)),
+                              txt_len=txt_len)
             call = _bind_dit(inj, self.kind, ctx, call)
         return call(args)
 
@@ -338,7 +493,7 @@ class _ModelCallWrapper:
         to[SHAPE_KEY] = tuple(x.shape)
         to[MODEL_KEY] = executor.class_obj
         for inj in self.layer.injectors:
-            inj.on_model_call(to, x, timestep)
+            inj.on_model_call(to, x, timestep, call_args=args, call_kwargs=kwargs)
         return executor(*args, **kwargs)
 
 
@@ -376,10 +531,34 @@ def apply_injector(model, injector: Injector):
                 prev = _foreign(slot.get(key, slot.get(key[:2])))
                 slot[key] = _UnetAttnHook(layer, kind, key, prev, primary)
                 primary = False
+        _install_unet_list_patches(to, layer)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _ModelCallWrapper(layer))
     log.debug("applied %s to a %s model (%d injectors now)", injector.name, family, len(layer.injectors))
     return m
+
+
+def _install_unet_list_patches(to: dict, layer: PatchLayer) -> None:
+    """Input recorders and output hooks, only for the kinds some injector of the layer needs.
+
+    Ours are replaced (never duplicated) on every apply; patches other packs put in the same lists
+    keep their place, ours come last so they see the final input and output.
+    """
+    patches = to.setdefault("patches", {})
+    for kind in SD_KINDS:
+        out_kind = f"{kind}_output"
+        wants_out = any(out_kind in inj.kinds for inj in layer.injectors)
+        wants_in = wants_out or any(inj.needs_input and kind in inj.kinds for inj in layer.injectors)
+        for name, wanted, make in ((f"{kind}_patch", wants_in, lambda k=kind: _UnetInputHook(k)),
+                                   (f"{kind}_output_patch", wants_out,
+                                    lambda k=out_kind: _UnetOutputHook(layer, k, None, None, False))):
+            kept = [p for p in patches.get(name, []) if not isinstance(p, (_Hook, _UnetInputHook))]
+            if wanted:
+                kept.append(make())
+            if kept:
+                patches[name] = kept
+            else:
+                patches.pop(name, None)
 
 
 def _foreign(patch):

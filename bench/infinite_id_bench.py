@@ -1,0 +1,175 @@
+"""Per-step cost of Infinite-ID's two streams vs plain CFG sampling (tiny models on CPU; full-size when a GPU is lent).
+
+  python bench/infinite_id_bench.py [--full] [--steps N] [--repeats R] [--out bench/results/infinite_id_<device>.json]
+
+Variants, each sampled with CFG (cond + uncond batched; FLUX: cfg 1 = cond only, as FLUX is used):
+  plain           the model alone
+  infinite_id     both streams in one model call every step, mixed attention in all blocks + merge (defaults)
+  end_at_0.5      the same with end_at = 0.5: after half the steps the identity stream is not run
+  merge_only      mixed attention off: no identity stream, only the merge in the text stream
+Timings: median over the steps of one run of the wall time (and of this process's CPU time) between sampler
+callbacks, then the fastest of the repeats; variants are interleaved within each repeat. Two streams double the batch, so up to ~2x per step is the expected cost; mixed
+attention adds a second, twice-as-long self-attention for the text rows on top.
+
+--full builds full-size randomly initialised SDXL (320 ch, 70 transformer blocks, ctx 2048) and FLUX.1
+(3072 hidden, 19+38 blocks) with ComfyUI's classes in bf16 on the GPU (needs ~40 GB for FLUX).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import embedded_comfy  # noqa: E402,F401  (boots ComfyUI and loads the pack)
+
+import torch  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.supported_models as sm  # noqa: E402
+
+from idportrait.guidance import infinite_id as I  # noqa: E402
+from idportrait.guidance import ip_adapter as IP  # noqa: E402
+from idportrait.nodes import tiny_models as tm  # noqa: E402
+
+VARIANTS = {
+    "plain": None,
+    "infinite_id": {},
+    "end_at_0.5": {"end_percent": 0.5},
+    "merge_only": {"mix_weight": 0.0},
+}
+
+
+def full_model(family, dtype):
+    if family == "sdxl":
+        cfg = sm.SDXL({"model_channels": 320, "use_linear_in_transformer": True, "adm_in_channels": 2816,
+                       "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2],
+                       "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                       "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+                       "context_dim": 2048, "num_head_channels": 64, "use_spatial_transformer": True, "legacy": False,
+                       "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False,
+                       "use_checkpoint": False})
+    else:
+        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+                       "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+                       "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+                       "guidance_embed": True})
+    cfg.set_inference_dtype(dtype, None)
+    model = cfg.get_model({}, "", device=mm.get_torch_device())
+    tm.randomize_(model.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def adapter_for(model, family, token_dim, ctx_dim):
+    dm = model.model.diffusion_model
+    if family == "flux":
+        a = IP.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
+    else:
+        a = IP.SDIdentityAdapter(token_dim, ctx_dim, IP.SDIdentityAdapter.inner_dims_of(dm))
+    return tm.randomize_(a, 1)
+
+
+def conditioning(family, ctx_dim, vec_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    extra = {}
+    if family in ("sdxl", "flux"):
+        extra["pooled_output"] = torch.randn(1, vec_dim, generator=g)
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(1, 77 if family != "flux" else 256, ctx_dim, generator=g), extra]]
+
+
+def step_time(model, family, steps, size, ctx_dim, vec_dim):
+    """Median wall s/step, median CPU s/step of this process, mean wall s/step (after the first step) of one run."""
+    dev = mm.get_torch_device()
+    stamps = []
+
+    def cb(*a):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append((time.perf_counter(), time.process_time()))
+    lat = torch.zeros(1, tm.latent_channels(family), size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    cfg = 1.0 if family == "flux" else 5.0
+    comfy.sample.sample(model, noise, steps + 1, cfg, "euler", "simple", conditioning(family, ctx_dim, vec_dim, 1),
+                        conditioning(family, ctx_dim, vec_dim, 2), lat, callback=cb, disable_pbar=True)
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(wall), statistics.median(cpu), statistics.fmean(wall)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--families", default="sd15,sdxl,flux")
+    ap.add_argument("--size", type=int, help="image size in px (default 128 tiny, 1024 full)")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    dev = mm.get_torch_device()
+    dtype = torch.bfloat16 if (a.full and dev.type == "cuda") else torch.float32
+    results = {"device": str(torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"),
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "load_average_at_start": os.getloadavg(), "torch": torch.__version__, "full_size": a.full,
+               "dtype": str(dtype), "steps": a.steps, "sampler": "euler", "cfg": "5 (sd15/sdxl), 1 (flux)", "repeats": a.repeats, "runs": []}
+    for family in a.families.split(","):
+        if a.full and family == "sd15":
+            continue
+        model = full_model(family, dtype) if a.full else tm.tiny_model(family, 0)
+        size = a.size or (1024 if a.full else 128)
+        if a.full:
+            ctx_dim, vec_dim = (2048, 1280) if family == "sdxl" else (4096, 768)
+        else:
+            ctx_dim = vec_dim = tm.TEXT_WIDTH
+        token_dim = 1280 if a.full else 32
+        adapter = adapter_for(model, family, token_dim, ctx_dim)
+        tokens = torch.randn(1, 256, token_dim, generator=torch.Generator().manual_seed(3))
+        run = {"family": family, "size_px": size}
+        models = {name: model if opts is None else I.apply_infinite_id(model, adapter, tokens, **opts)
+                  for name, opts in VARIANTS.items()}
+        walls = {name: [] for name in VARIANTS}
+        cpus = {name: [] for name in VARIANTS}
+        means = {name: [] for name in VARIANTS}
+        for _ in range(a.repeats):   # variants interleaved, so a change of machine load hits all of them alike
+            for name, m in models.items():
+                if VARIANTS[name] is not None:   # count the model calls of one sampling run
+                    calls = I.stream_calls_of(m).calls
+                    calls.update({k: 0 for k in calls})
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                w, c, mean = step_time(m, family, a.steps, size, ctx_dim, vec_dim)
+                walls[name].append(w)
+                cpus[name].append(c)
+                means[name].append(mean)
+                if dev.type == "cuda":
+                    run[f"{name}_peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+        for name in VARIANTS:
+            # the fastest repeat: the least disturbed by other processes on a shared machine
+            run[f"{name}_step_s"] = min(walls[name])
+            run[f"{name}_cpu_step_s"] = min(cpus[name])
+            run[f"{name}_mean_step_s"] = min(means[name])   # differs from the median when steps differ (end_at)
+            if VARIANTS[name] is not None:
+                run[f"{name}_model_calls_per_run"] = dict(I.stream_calls_of(models[name]).calls)
+        for name in VARIANTS:
+            if name != "plain":
+                run[f"{name}_vs_plain"] = run[f"{name}_step_s"] / run["plain_step_s"]
+                run[f"{name}_cpu_vs_plain"] = run[f"{name}_cpu_step_s"] / run["plain_cpu_step_s"]
+                run[f"{name}_mean_vs_plain"] = run[f"{name}_mean_step_s"] / run["plain_mean_step_s"]
+        results["runs"].append(run)
+        print(json.dumps(run))
+        del model
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
+    results["load_average_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
