@@ -223,6 +223,31 @@ def wf_face_metrics():
     return g
 
 
+def wf_sdxl_infinite_id():
+    g = {"note": note("Infinite-ID identity/text decoupling (SDXL; paper setting: DDIM 30 steps, CFG 5). An identity "
+                      "stream (identity attention on, text off) and the text stream run in one batch; the text stream "
+                      "mixes in the identity stream's self-attention keys/values (AdaIN-mean) and adds the identity "
+                      "attention to its cross-attention.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sdxl", "sd_xl_base_1.0.safetensors",
+                           "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0")
+    faces = load_faces(g)
+    g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+                              "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
+    g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sdxl.safetensors"},
+                 "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sdxl"}}}
+    g["enc"] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
+                                                       "faces": faces, "crop": "center"}}
+    g["infinite"] = {"type": "IDP_InfiniteIDApply", "inputs": {"model": ("ckpt", 0), "omni_id_model": ("omni", 0),
+                                                               "identity": ("enc", 0)}}
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "a watercolor portrait of a person"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, ("infinite", 0), ("pos", 0), ("neg", 0), ("ckpt", 2), "sdxl", steps=30, cfg=5.0,
+                    prefix="sdxl_infinite_id")
+    g["sampler"]["inputs"].update(sampler_name="ddim", scheduler="ddim_uniform")
+    return g
+
+
 WORKFLOWS = {
     "flux_omni_id": wf_flux_omni_id,
     "sdxl_omni_id": wf_sdxl_omni_id,
@@ -230,6 +255,7 @@ WORKFLOWS = {
     "two_identities_two_regions": wf_two_identities_regions,
     "identity_mixing": wf_identity_mixing,
     "face_metrics": wf_face_metrics,
+    "sdxl_infinite_id": wf_sdxl_infinite_id,
 }
 
 
