@@ -111,6 +111,36 @@ def refined_attention_map(cross_attn: torch.Tensor, self_attn: torch.Tensor | No
     return torch.matmul(a_s, refined.reshape(b, h * w, 1)).reshape(b, h, w)
 
 
+def propagate_by_self_attention(refined: torch.Tensor, qk: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                                scale: float | None = None) -> torch.Tensor:
+    """``A_s · R`` of Eq. 6 computed from the self-attention queries/keys, never forming the N x N map.
+
+    ``refined``: (B, H, W) refined cross-attention map R. ``qk``: one (q, k) pair per self-attention
+    layer, each (B, heads, N, d) with N = H*W in row-major order (the pre-softmax projections the
+    layer used, RoPE already applied where the model applies it). ``A_s`` is the softmax(q k^T * scale)
+    probability map averaged over heads and layers, exactly what ``refined_attention_map`` expects as
+    ``self_attn``; here each layer's product is one attention call with R as a 1-wide value, so a
+    4096-token FLUX map costs no 4096^2 tensor. ``scale`` defaults to 1/sqrt(d).
+    Returns (B, H, W), equal to ``refined_attention_map(cross, mean_softmax)`` when R = refine(cross).
+    """
+    if refined.dim() != 3:
+        raise ValueError(f"refined must be (B, H, W); got {tuple(refined.shape)}")
+    if not qk:
+        raise ValueError("need at least one (q, k) pair")
+    b, h, w = refined.shape
+    acc = None
+    for q, k in qk:
+        if q.dim() != 4 or q.shape[2] != h * w or k.shape[:3] != q.shape[:3]:
+            raise ValueError(f"q/k must be (B, heads, {h * w}, d); got {tuple(q.shape)} / {tuple(k.shape)}")
+        # float32: the map is thresholded at beta, and half-precision softmax sums drift by ~1e-3.
+        qf, kf = q.float(), k.float()
+        v = refined.reshape(refined.shape[0], 1, h * w, 1).to(qf).expand(q.shape[0], q.shape[1], h * w, 1)
+        out = F.scaled_dot_product_attention(qf, kf, v, scale=scale)   # (B, heads, N, 1)
+        out = out.mean(dim=1)[..., 0]
+        acc = out if acc is None else acc + out
+    return (acc / len(qk)).reshape(-1, h, w)
+
+
 def generated_face_mask(cross_attn: torch.Tensor, self_attn: torch.Tensor | None = None, beta: float = BETA,
                         gamma: int = GAMMA, alpha: float = ALPHA, normalize: bool = False) -> torch.Tensor:
     """M_gen (Sec. 3.3): ``refined_attention_map(...) > beta`` as a float {0, 1} mask (B, H, W).
@@ -305,36 +335,50 @@ def rb_energy_grad(z_t: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch
     """
     if z_t.dim() != 4:
         raise ValueError(f"z_t must be (B, C, H, W); got {tuple(z_t.shape)}")
-    bsz, _, height, width = z_t.shape
-    energies, s_hats, valids, matches = [], [], [], []
     with torch.inference_mode(False), torch.enable_grad():
         # clone() outside inference mode turns an inference tensor into a normal one autograd can use.
         z = z_t.detach().clone().requires_grad_(True)
         feats = feature_fn(z)
-        if feats.dim() != 4 or feats.shape[0] != bsz:
-            raise ValueError(f"feature_fn must return (B={bsz}, C, h, w); got {tuple(feats.shape)}")
-        grad = torch.zeros_like(z)
-        for k, ident in enumerate(identities):
-            ref_feat = ident.ref_feat.detach().clone()
-            if ref_feat.dim() == 3:
-                ref_feat = ref_feat[None]
-            gen_mask = _expand_batch(ident.gen_mask.detach().clone(), bsz)
-            ref_mask = ident.ref_mask.detach().clone()
-            ref_mask = ref_mask[None] if ref_mask.dim() == 2 else ref_mask
-            match = match_features(feats, ref_feat, resize_mask(gen_mask, feats.shape[-2:]),
-                                   resize_mask(ref_mask, ref_feat.shape[-2:]), metric=metric, reduction=reduction)
-            energy = rb_energy(match.s_hat, p)
-            if bool(match.valid.any()):
-                (g_k,) = torch.autograd.grad(energy[match.valid].sum(), z,
-                                             retain_graph=k < len(identities) - 1, allow_unused=True)
-                if g_k is not None:
-                    latent_mask = resize_mask(gen_mask, (height, width)).to(grad.dtype)
-                    grad = grad + g_k * latent_mask[:, None]
-            energies.append(energy.detach())
-            s_hats.append(match.s_hat.detach())
-            valids.append(match.valid)
-            matches.append(match)
-    empty = z_t.new_zeros((0, bsz), dtype=torch.float32)
+        return rb_energy_grad_from_features(z, feats, identities, p=p, metric=metric, reduction=reduction)
+
+
+def rb_energy_grad_from_features(z: torch.Tensor, feats: torch.Tensor, identities: Sequence[IdentityGuide],
+                                 p: float = P_STRENGTH, metric: str = "cosine",
+                                 reduction: str = "mean") -> RBGradient:
+    """The second half of ``rb_energy_grad``, for callers that run the forward themselves.
+
+    ``z``: the (B, C, H, W) leaf that requires grad; ``feats``: (B, C_f, h, w) computed from it with the
+    graph kept. Call inside ``torch.inference_mode(False)`` + ``torch.enable_grad()``. Used when the
+    generated masks are only known after the forward (M_gen from that very forward's attention).
+    """
+    if z.dim() != 4 or not z.requires_grad:
+        raise ValueError("z must be a (B, C, H, W) tensor that requires grad")
+    bsz, _, height, width = z.shape
+    if feats.dim() != 4 or feats.shape[0] != bsz:
+        raise ValueError(f"feature_fn must return (B={bsz}, C, h, w); got {tuple(feats.shape)}")
+    energies, s_hats, valids, matches = [], [], [], []
+    grad = torch.zeros_like(z)
+    for k, ident in enumerate(identities):
+        ref_feat = ident.ref_feat.detach().clone()
+        if ref_feat.dim() == 3:
+            ref_feat = ref_feat[None]
+        gen_mask = _expand_batch(ident.gen_mask.detach().clone(), bsz)
+        ref_mask = ident.ref_mask.detach().clone()
+        ref_mask = ref_mask[None] if ref_mask.dim() == 2 else ref_mask
+        match = match_features(feats, ref_feat, resize_mask(gen_mask, feats.shape[-2:]),
+                               resize_mask(ref_mask, ref_feat.shape[-2:]), metric=metric, reduction=reduction)
+        energy = rb_energy(match.s_hat, p)
+        if bool(match.valid.any()):
+            (g_k,) = torch.autograd.grad(energy[match.valid].sum(), z,
+                                         retain_graph=k < len(identities) - 1, allow_unused=True)
+            if g_k is not None:
+                latent_mask = resize_mask(gen_mask, (height, width)).to(grad.dtype)
+                grad = grad + g_k * latent_mask[:, None]
+        energies.append(energy.detach())
+        s_hats.append(match.s_hat.detach())
+        valids.append(match.valid)
+        matches.append(match)
+    empty = z.new_zeros((0, bsz), dtype=torch.float32)
     return RBGradient(grad=grad.detach(),
                       energy=torch.stack(energies) if energies else empty,
                       s_hat=torch.stack(s_hats) if s_hats else empty,
@@ -432,8 +476,9 @@ def flow_guidance_to_denoised(denoised: torch.Tensor, grad: torch.Tensor, sigma:
 
 __all__ = [
     "GAMMA", "ALPHA", "BETA", "P_STRENGTH", "U_START",
-    "minmax_normalize", "refine_mask", "refined_attention_map", "generated_face_mask", "resize_mask",
-    "FeatureMatch", "match_features", "rb_energy", "IdentityGuide", "RBGradient", "rb_energy_grad",
+    "minmax_normalize", "refine_mask", "refined_attention_map", "propagate_by_self_attention",
+    "generated_face_mask", "resize_mask", "FeatureMatch", "match_features", "rb_energy", "IdentityGuide",
+    "RBGradient", "rb_energy_grad", "rb_energy_grad_from_features",
     "in_pivotal_window", "eps_grad_x_to_z", "eps_guidance_to_denoised", "flow_grad_x_to_z",
     "flow_guidance_to_denoised",
 ]

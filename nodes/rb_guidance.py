@@ -1,2 +1,249 @@
-"""ComfyUI nodes: rb_guidance (placeholder until its issue lands)."""
-NODES: list = []
+"""OmniPortrait RB-Guidance nodes: a GUIDER for SamplerCustomAdvanced, a KSampler-style node, identities
+for several people in one image, and a preview of the generated-face mask M_gen.
+
+Thin adapters: the guider and all math live in guidance/rb_guidance.py and guidance/rb_energy.py.
+"""
+from __future__ import annotations
+
+import logging
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..guidance import rb_energy as rb
+from ..guidance import rb_guidance as rg
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "identity_portrait/rb_guidance"
+IdentitiesType = io.Custom("RB_IDENTITIES")
+
+_FEATURE_TIP = ("Where the diffusion (DIFT) features are read. 'auto': SD1.5/SDXL the up-block output at 1/16 of the "
+                "image (SD1.5 up:1, SDXL up:0), FLUX after the last double block. Others: 'mid', 'up:i' (UNet), "
+                "'double:i' / 'single:i' (FLUX). The forward stops there, so earlier points are cheaper.")
+
+
+def _guidance_inputs() -> list:
+    """Inputs shared by the guider and the sampler node (names are part of saved workflows)."""
+    return [
+        io.Vae.Input("vae", tooltip="The VAE of this model; encodes the reference image(s)."),
+        io.Float.Input("p", default=rb.P_STRENGTH, min=0.0, max=1000.0, step=0.1,
+                       tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling)."),
+        io.Float.Input("u", default=rb.U_START, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guidance runs for t <= u*T: the last u of the noise schedule (0.6 = the paper). "
+                               "Earlier steps are plain CFG."),
+        io.Int.Input("t0", default=rg.T0_DEFAULT, min=1, max=999,
+                     tooltip="Noise level of the reference pass on the 1000-step scale (671 = the paper), converted "
+                             "to the model's own sigma."),
+        io.String.Input("feature_point", default=rg.FEATURE_AUTO, tooltip=_FEATURE_TIP),
+    ]
+
+
+def _identity_inputs(prefix_optional: bool = True) -> list:
+    return [
+        io.Image.Input("reference", optional=prefix_optional,
+                       tooltip="Reference photo(s) of the person; several images of the same person are pooled."),
+        io.Mask.Input("reference_mask", optional=True,
+                      tooltip="Face region M_ref in the reference (one mask, or one per image). Not connected: the "
+                              "face is detected with the face tools; an image without a face is an error."),
+        io.Mask.Input("region_mask", optional=True,
+                      tooltip="Where this person's face goes in the generated image (user M_gen). Not connected: "
+                              "from the region box, the token index, or the identity adapter's attention."),
+        io.String.Input("region_box", optional=True, default="",
+                        tooltip="Face box in the generated image as fractions 'x0, y0, x1, y1' (empty: not used)."),
+        io.Int.Input("token_index", optional=True, default=-1, min=-1, max=4095,
+                     tooltip="Prompt token whose cross-attention gives M_gen (Eq. 6), e.g. the class word 'woman'; "
+                             "counts the start token. -1: not used."),
+        io.Combo.Input("reference_mask_source", optional=True, options=list(rg.MASK_SOURCES), default="auto",
+                       tooltip="When the reference face is detected: 'auto' = landmark hull (or box ellipse), "
+                               "'box' = the detection box."),
+    ]
+
+
+def _identity(reference, reference_mask=None, region_mask=None, region_box="", token_index=-1,
+              reference_mask_source="auto") -> rg.RBIdentity:
+    return rg.RBIdentity(reference=reference, reference_mask=reference_mask, region_mask=region_mask,
+                         region_box=rg.parse_box(region_box),
+                         token_index=None if token_index is None or token_index < 0 else int(token_index),
+                         reference_mask_source=reference_mask_source or "auto")
+
+
+def build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, identities, ensemble=1,
+                 ref_seed=0, normalize_mask=False) -> rg.RBGuider:
+    if not identities:
+        raise rg.RBGuidanceError("connect a reference image (or identities from 'RB-Guidance Identity')")
+    settings = rg.RBSettings(p=float(p), u=float(u), t0=float(t0), feature_point=feature_point, ensemble=int(ensemble),
+                             ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask))
+    guider = rg.RBGuider(model, identities, vae, settings)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    if settings.p != 0:
+        guider.prepare_references()   # encode references and find their faces now: errors show on this node
+    log.info("RB-Guidance guider: %d identities, p=%g, u=%g, t0=%g, features at %s", len(identities), settings.p,
+             settings.u, settings.t0, guider.point.name)
+    return guider
+
+
+def _collect(reference, more_identities, **kw) -> list:
+    out = [_identity(reference, **kw)] if reference is not None else []
+    return out + list(more_identities or [])
+
+
+class RBGuidanceIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_RBGuidanceIdentity", display_name="RB-Guidance Identity (IDP)", category=CATEGORY,
+            description=("One person for RB-Guidance: reference photo(s) and where their face is, in the reference "
+                         "and in the generated image. Chain several to guide several people in one image; each "
+                         "region is guided only by its own reference."),
+            inputs=_identity_inputs(prefix_optional=False)[:1] + _identity_inputs()[1:] + [
+                io.String.Input("class_word", optional=True, default="",
+                                tooltip="Class word of the prompt for M_gen (e.g. 'woman'); needs clip and prompt. "
+                                        "Overrides token_index."),
+                io.Clip.Input("clip", optional=True, tooltip="The CLIP that encoded the prompt (to find class_word)."),
+                io.String.Input("prompt", optional=True, default="", multiline=True,
+                                tooltip="The positive prompt text (to find class_word)."),
+                IdentitiesType.Input("identities", optional=True, tooltip="Identities defined so far (chain)."),
+            ],
+            outputs=[IdentitiesType.Output(display_name="IDENTITIES")],
+        )
+
+    @classmethod
+    def execute(cls, reference, reference_mask=None, region_mask=None, region_box="", token_index=-1,
+                reference_mask_source="auto", class_word="", clip=None, prompt="", identities=None) -> io.NodeOutput:
+        if class_word and class_word.strip():
+            if clip is None or not (prompt or "").strip():
+                raise rg.RBGuidanceError("class_word needs the clip and the prompt text it was encoded from")
+            token_index = rg.find_token_index(clip, prompt, class_word)
+        ident = _identity(reference, reference_mask, region_mask, region_box, token_index, reference_mask_source)
+        return io.NodeOutput(list(identities or []) + [ident])
+
+
+class RBGuidanceGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_RBGuidanceGuider", display_name="RB-Guidance Guider (IDP)", category=CATEGORY,
+            description=("OmniPortrait Reference-Based Guidance as a GUIDER for SamplerCustomAdvanced: CFG, plus, for the "
+                         "late steps, the gradient of a feature-matching energy that pulls the generated face towards "
+                         "the reference face. Needs no trained weights; works with any sampler and scheduler, with "
+                         "ControlNet conditioning and with identity adapters (Omni-ID) applied to the model."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model (identity adapters may be applied)."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (ControlNet-applied is fine)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (the paper: 7.5)."),
+            ] + _guidance_inputs() + _identity_inputs() + [
+                io.Int.Input("ensemble", optional=True, default=1, min=1, max=16,
+                             tooltip="Noise draws averaged for the reference features (DIFT uses 8)."),
+                io.Int.Input("ref_seed", optional=True, default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the reference noise."),
+                io.Boolean.Input("normalize_mask", optional=True, default=False,
+                                 tooltip="Min-max normalise the attention mask before the 0.5 threshold, so it is "
+                                         "never empty (not in the paper; helps weak attention)."),
+                IdentitiesType.Input("more_identities", optional=True,
+                                     tooltip="Further people (from 'RB-Guidance Identity'), each with its own region."),
+            ],
+            outputs=[io.Guider.Output(display_name="GUIDER")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, vae, p, u, t0, feature_point, reference=None, reference_mask=None,
+                region_mask=None, region_box="", token_index=-1, reference_mask_source="auto", ensemble=1, ref_seed=0,
+                normalize_mask=False, more_identities=None) -> io.NodeOutput:
+        ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
+                       region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
+        return io.NodeOutput(build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble,
+                                          ref_seed, normalize_mask))
+
+
+def _latent_size_mask(guider: rg.RBGuider, samples: torch.Tensor) -> torch.Tensor:
+    return guider.gen_mask_preview((samples.shape[-2] * 8, samples.shape[-1] * 8))
+
+
+class RBGuidanceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_RBGuidanceSampler", display_name="RB-Guidance KSampler (IDP)", category=CATEGORY,
+            description=("KSampler with OmniPortrait Reference-Based Guidance: same inputs and result as KSampler "
+                         "when p = 0; otherwise the late steps follow the identity energy's gradient. Also outputs the "
+                         "generated-face mask M_gen of the last guided step."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model (identity adapters may be applied)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the initial noise."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of denoising steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), tooltip="Scheduler."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (ControlNet-applied is fine)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoising strength, as in KSampler."),
+            ] + _guidance_inputs() + _identity_inputs() + [
+                io.Int.Input("ensemble", optional=True, default=1, min=1, max=16,
+                             tooltip="Noise draws averaged for the reference features."),
+                io.Boolean.Input("normalize_mask", optional=True, default=False,
+                                 tooltip="Min-max normalise the attention mask before the threshold."),
+                IdentitiesType.Input("more_identities", optional=True, tooltip="Further people, each with its region."),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT"), io.Mask.Output(display_name="MGEN_MASK")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, vae,
+                p, u, t0, feature_point, reference=None, reference_mask=None, region_mask=None, region_box="",
+                token_index=-1, reference_mask_source="auto", ensemble=1, normalize_mask=False,
+                more_identities=None) -> io.NodeOutput:
+        ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
+                       region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
+        guider = build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble, 0, normalize_mask)
+        latent = latent_image["samples"]
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        # the same sigmas and sampler object KSampler builds, so p = 0 reproduces KSampler exactly
+        ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+        out = latent_image.copy()
+        if ks.sigmas.shape[-1] == 0:
+            out["samples"] = latent
+            return io.NodeOutput(out, _latent_size_mask(guider, latent))
+        samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), ks.sigmas,
+                                denoise_mask=latent_image.get("noise_mask"),
+                                callback=latent_preview.prepare_callback(model, steps),
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(out, _latent_size_mask(guider, latent))
+
+
+class RBGuidanceMaskPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_RBGuidanceMaskPreview", display_name="RB-Guidance Mask Preview (IDP)", category=CATEGORY,
+            description=("The generated-face mask M_gen of the last guided step of an RB-Guidance guider (union of all "
+                         "identities) at image size. Connect the sampler's output LATENT too, so this runs after "
+                         "sampling."),
+            inputs=[io.Guider.Input("guider", tooltip="An RB-Guidance guider that has sampled."),
+                    io.Latent.Input("samples", tooltip="The sampled latent (orders this node after sampling; sets the size).")],
+            outputs=[io.Mask.Output(display_name="MASK")],
+        )
+
+    @classmethod
+    def execute(cls, guider, samples) -> io.NodeOutput:
+        if not isinstance(guider, rg.RBGuider):
+            raise rg.RBGuidanceError("the guider is not an RB-Guidance guider")
+        return io.NodeOutput(_latent_size_mask(guider, samples["samples"]))
+
+
+NODES = [RBGuidanceIdentity, RBGuidanceGuider, RBGuidanceSampler, RBGuidanceMaskPreview]

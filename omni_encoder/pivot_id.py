@@ -146,5 +146,51 @@ def face_localization_loss(attn_map: torch.Tensor, face_mask: torch.Tensor, eta:
     return eta * per_item.mean()
 
 
+PIVOT_FORMAT = "pivot_id"
+PIVOT_FORMAT_VERSION = 1
+
+
+def save_pivot_encoder(path: str, encoder: PivotIDEncoder, metadata: dict | None = None) -> None:
+    """Write the alignment layer as safetensors: ``proj.weight`` (T, I+T), ``proj.bias`` (T) plus metadata
+    (format, version, image_dim, text_dim, and any extra string entries, e.g. base_family)."""
+    from safetensors.torch import save_file
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update({"format": PIVOT_FORMAT, "format_version": str(PIVOT_FORMAT_VERSION),
+                 "image_dim": str(encoder.image_dim), "text_dim": str(encoder.text_dim)})
+    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, path, metadata=meta)
+
+
+def load_pivot_encoder(path: str, device=None, dtype=None) -> tuple[PivotIDEncoder, dict]:
+    """Read a file written by ``save_pivot_encoder`` (or any safetensors file with ``proj.weight``/``proj.bias``).
+
+    The widths come from the weight shape (text_dim rows, image_dim + text_dim columns), checked against the
+    metadata when present. Returns (encoder in eval mode, metadata).
+    """
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        keys = set(f.keys())
+        if not {"proj.weight", "proj.bias"} <= keys:
+            raise ValueError(f"{path}: not a Pivot ID encoder file (needs proj.weight and proj.bias; has {sorted(keys)[:6]})")
+        sd = {k: f.get_tensor(k) for k in ("proj.weight", "proj.bias")}
+    if meta.get("format", PIVOT_FORMAT) != PIVOT_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {PIVOT_FORMAT!r}")
+    if int(meta.get("format_version", PIVOT_FORMAT_VERSION)) > PIVOT_FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this reader ({PIVOT_FORMAT_VERSION})")
+    w = sd["proj.weight"]
+    text_dim, total = w.shape
+    image_dim = total - text_dim
+    if image_dim <= 0 or sd["proj.bias"].shape != (text_dim,):
+        raise ValueError(f"{path}: proj.weight {tuple(w.shape)} / proj.bias {tuple(sd['proj.bias'].shape)} do not form "
+                         "a (text, image + text) alignment layer")
+    for name, val in (("image_dim", image_dim), ("text_dim", text_dim)):
+        if name in meta and int(meta[name]) != val:
+            raise ValueError(f"{path}: metadata {name}={meta[name]} but the weights have {val}")
+    enc = PivotIDEncoder(image_dim=image_dim, text_dim=text_dim, identity_init=False)
+    enc.load_state_dict(sd)
+    return enc.to(device=device, dtype=dtype).eval(), meta
+
+
 __all__ = ["ETA", "LOC_SIZE", "OPENCLIP_VITL14_DIM", "PivotIDEncoder", "gather_token_embeddings",
-           "replace_token_embeddings", "find_token_indices", "face_localization_loss"]
+           "replace_token_embeddings", "find_token_indices", "face_localization_loss", "save_pivot_encoder",
+           "load_pivot_encoder"]

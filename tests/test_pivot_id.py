@@ -107,3 +107,21 @@ def test_face_localization_loss_16x16_mask_resize_layers_and_grad():
     assert 0 < m[1, 7, 7] < 1                           # the border cell stays soft (covered fraction)
     (ga,) = torch.autograd.grad(loss, attn)
     torch.testing.assert_close(ga, (2e-3 * 2 * (a - m) / (16 * 16) / 2 / 3)[:, None].expand(2, 3, 16, 16))
+
+
+def test_pivot_weights_round_trip_through_safetensors(tmp_path):
+    import safetensors.torch
+    enc = pid.PivotIDEncoder(image_dim=12, text_dim=8, identity_init=False)
+    path = str(tmp_path / "pivot.safetensors")
+    pid.save_pivot_encoder(path, enc, {"base_family": "sd15"})
+    loaded, meta = pid.load_pivot_encoder(path)
+    assert (loaded.image_dim, loaded.text_dim) == (12, 8) and meta["base_family"] == "sd15"
+    e_ref, e_txt = torch.randn(3, 12), torch.randn(3, 8)
+    assert torch.equal(loaded(e_ref, e_txt), enc(e_ref, e_txt).detach())
+    safetensors.torch.save_file({"weight": torch.zeros(8, 20)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a Pivot ID encoder"):
+        pid.load_pivot_encoder(str(tmp_path / "bad.safetensors"))
+    safetensors.torch.save_file({"proj.weight": torch.zeros(8, 20), "proj.bias": torch.zeros(8)},
+                                str(tmp_path / "meta.safetensors"), metadata={"image_dim": "11"})
+    with pytest.raises(ValueError, match="image_dim=11"):
+        pid.load_pivot_encoder(str(tmp_path / "meta.safetensors"))
