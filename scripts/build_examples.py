@@ -248,6 +248,36 @@ def wf_sdxl_infinite_id():
     return g
 
 
+def wf_sd15_rb_guidance():
+    g = {"note": note("OmniPortrait RB-Guidance (SD1.5) with an identity pivot: Omni-ID gives the coarse identity, "
+                      "RB-Guidance then follows the gradient of a DIFT feature-matching energy between the generated "
+                      "face (inside the drawn region box) and the reference face, for t <= u*T. No trained weights "
+                      "needed for the guidance itself.\n" + OMNI_NOTE.format(clip=CLIP_H))}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["det"] = {"type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280, "provider": "CPU"}}
+    photos = load_faces(g)
+    g["align"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": photos, "crop_size": "224",
+                                                            "padding": 0.0, "order": "largest", "face_index": 0,
+                                                            "min_face_size": 0, "skip_images_without_face": False}}
+    applied = omni_id_block(g, "sd15", ("ckpt", 0), ("align", 0))
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a woman in a garden"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    g["latent"] = {"type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["rb"] = {"type": "IDP_RBGuidanceSampler", "inputs": {
+        "model": applied, "seed": 42, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("latent", 0), "denoise": 1.0,
+        "vae": ("ckpt", 2), "p": 8.5, "u": 0.6, "t0": 671, "feature_point": "auto", "reference": ("align", 0),
+        "region_box": "0.3,0.15,0.7,0.6"},
+        "properties": small(steps=3), "size": [360, 760]}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("rb", 0), "vae": ("ckpt", 2)}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": "sd15_rb_guidance"}}
+    g["mgen"] = {"type": "MaskToImage", "inputs": {"mask": ("rb", 1)}}
+    g["preview"] = {"type": "PreviewImage", "inputs": {"images": ("mgen", 0)}}
+    return g
+
+
 WORKFLOWS = {
     "flux_omni_id": wf_flux_omni_id,
     "sdxl_omni_id": wf_sdxl_omni_id,
@@ -256,6 +286,7 @@ WORKFLOWS = {
     "identity_mixing": wf_identity_mixing,
     "face_metrics": wf_face_metrics,
     "sdxl_infinite_id": wf_sdxl_infinite_id,
+    "sd15_rb_guidance_pivot": wf_sd15_rb_guidance,
 }
 
 

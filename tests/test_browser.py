@@ -158,3 +158,43 @@ def test_run_button_executes_and_shows_identity_chip(page, server):
     assert "identity from 2 images" in chip
     page.screenshot(path=os.path.join(SHOTS, "run_identity_chip.png"))
     assert ours(page.idp_errors) == []
+
+
+def draw_box(page, node_type):
+    """Create a node, drag a rectangle on its face-box editor with the mouse; return the node's widget values."""
+    page.evaluate("""(t) => {
+        app.graph.clear();
+        const n = LiteGraph.createNode(t);
+        n.pos = [80, 80];
+        app.graph.add(n);
+        app.canvas.ds.offset = [0, 0];
+        app.canvas.ds.scale = 1;
+        app.graph.setDirtyCanvas(true, true);
+        window.__idpNode = n;
+    }""", node_type)
+    clear_overlays(page)
+    editor = page.locator(".idp-facebox").first
+    editor.wait_for(state="visible", timeout=10000)
+    editor.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    b = editor.bounding_box()
+    page.mouse.move(b["x"] + 0.2 * b["width"], b["y"] + 0.3 * b["height"])
+    page.mouse.down()
+    page.mouse.move(b["x"] + 0.4 * b["width"], b["y"] + 0.5 * b["height"], steps=5)
+    page.mouse.move(b["x"] + 0.6 * b["width"], b["y"] + 0.8 * b["height"], steps=5)
+    page.mouse.up()
+    page.wait_for_timeout(200)
+    page.screenshot(path=os.path.join(SHOTS, f"face_box_{node_type}.png"))
+    return page.evaluate("() => Object.fromEntries(window.__idpNode.widgets.map(w => [w.name, w.value]))")
+
+
+def test_face_box_editor_writes_the_dragged_box(page):
+    values = draw_box(page, "IDP_RBGuidanceSampler")
+    box = [float(v) for v in values["region_box"].split(",")]
+    assert box == pytest.approx([0.2, 0.3, 0.6, 0.8], abs=0.02)
+    from idportrait.guidance import rb_guidance as rg
+    mask = rg.box_mask(rg.parse_box(values["region_box"]), (100, 100))[0]   # the guidance region follows the box
+    ys, xs = mask.nonzero(as_tuple=True)
+    assert (xs.min().item(), ys.min().item()) == pytest.approx((20, 30), abs=2)
+    assert (xs.max().item() + 1, ys.max().item() + 1) == pytest.approx((60, 80), abs=2)
+    assert ours(page.idp_errors) == []

@@ -1,14 +1,35 @@
 // Identity Portrait frontend extension. Plain ES module served from web/ (no build step).
 //
-// * Face-box editor: every STRING widget named "face_box" ("x0,y0,x1,y1", fractions of the image) gets a
-//   DOM widget showing the canvas (aspect from the node's width/height widgets or a connected latent) where
+// * Face-box editor: nodes with a box (a STRING widget "face_box"/"region_box" holding "x0,y0,x1,y1", or
+//   FlashFace's four FLOAT widgets face_x1..face_y2; fractions of the image) get a DOM widget showing the canvas (aspect from the node's width/height widgets or a connected latent) where
 //   the artist drags a rectangle; the drag writes the widget value, typing in the widget moves the box.
 // * Identity chips: nodes producing an OMNI_ID show how many images (and tokens) the identity came from,
 //   from the "idp_identity" UI data the backend sends after execution.
 // DOM widgets only (they work in both the classic canvas and the Vue "Nodes 2.0" renderer).
 import { app } from "../../../scripts/app.js";
 
-const BOX_WIDGET = "face_box";
+// A box is either one STRING widget ("x0,y0,x1,y1") or four FLOAT widgets (FlashFace's face_x1..face_y2).
+const BOX_STRING_WIDGETS = ["face_box", "region_box"];
+const BOX_FLOAT_WIDGETS = ["face_x1", "face_y1", "face_x2", "face_y2"];
+
+function boxBinding(node) {
+  const str = node.widgets?.find((w) => BOX_STRING_WIDGETS.includes(w.name));
+  if (str) {
+    return { widgets: [str], get: () => parseBox(str.value), set: (b) => { str.value = formatBox(b); } };
+  }
+  const fl = BOX_FLOAT_WIDGETS.map((n) => node.widgets?.find((w) => w.name === n));
+  if (fl.every(Boolean)) {
+    return {
+      widgets: fl,
+      get: () => {
+        const b = fl.map((w) => Number(w.value));
+        return b[2] > b[0] && b[3] > b[1] ? b : null;   // all zero = no box (FlashFace's convention)
+      },
+      set: (b) => fl.forEach((w, i) => { w.value = Math.round(b[i] * 1000) / 1000; }),
+    };
+  }
+  return null;
+}
 
 export function parseBox(text) {
   const v = String(text ?? "").split(",").map((s) => parseFloat(s.trim()));
@@ -27,7 +48,7 @@ function aspectOf(node) {
   return w && h ? w / h : 1;
 }
 
-function addFaceBoxEditor(node, widget) {
+function addFaceBoxEditor(node, binding) {
   const wrap = document.createElement("div");
   wrap.className = "idp-facebox";
   wrap.style.cssText = "position:relative;width:100%;background:#222;border:1px solid #555;cursor:crosshair;";
@@ -42,7 +63,7 @@ function addFaceBoxEditor(node, widget) {
 
   const draw = () => {
     wrap.style.aspectRatio = String(aspectOf(node));
-    const b = parseBox(widget.value);
+    const b = binding.get();
     rect.style.display = b ? "block" : "none";
     if (!b) return;
     rect.style.left = `${b[0] * 100}%`;
@@ -54,6 +75,7 @@ function addFaceBoxEditor(node, widget) {
     const r = wrap.getBoundingClientRect();
     return [Math.min(1, Math.max(0, (ev.clientX - r.left) / r.width)), Math.min(1, Math.max(0, (ev.clientY - r.top) / r.height))];
   };
+  const boxFrom = (a, p) => [Math.min(a[0], p[0]), Math.min(a[1], p[1]), Math.max(a[0], p[0]), Math.max(a[1], p[1])];
   let start = null;
   wrap.addEventListener("pointerdown", (ev) => {
     start = frac(ev);
@@ -63,28 +85,34 @@ function addFaceBoxEditor(node, widget) {
   });
   wrap.addEventListener("pointermove", (ev) => {
     if (!start) return;
-    const p = frac(ev);
-    widget.value = formatBox([Math.min(start[0], p[0]), Math.min(start[1], p[1]), Math.max(start[0], p[0]), Math.max(start[1], p[1])]);
+    binding.set(boxFrom(start, frac(ev)));
     draw();
   });
   const end = (ev) => {
     if (!start) return;
-    const p = frac(ev);
+    binding.set(boxFrom(start, frac(ev)));
     start = null;
-    widget.callback?.(widget.value);
+    binding.widgets.forEach((w) => w.callback?.(w.value));
     node.setDirtyCanvas?.(true, true);
     draw();
   };
   wrap.addEventListener("pointerup", end);
   wrap.addEventListener("pointercancel", end);
 
-  const origCallback = widget.callback;
-  widget.callback = function (v) {
-    draw();
-    return origCallback?.apply(this, arguments);
-  };
-  const dom = node.addDOMWidget("face_box_editor", "idp_facebox", wrap, { serialize: false, hideOnZoom: false });
+  for (const w of binding.widgets) {   // typing a value moves the drawn box
+    const orig = w.callback;
+    w.callback = function () {
+      draw();
+      return orig?.apply(this, arguments);
+    };
+  }
+  wrap.style.minHeight = "120px";
+  const dom = node.addDOMWidget("face_box_editor", "idp_facebox", wrap, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => 160, getHeight: () => 200,
+  });
   dom.serialize = false; // never part of widgets_values: saved workflows keep their positional layout
+  const size = node.computeSize?.();
+  if (size) node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
   node.__idpDrawBox = draw;
   setTimeout(draw, 0);
 }
@@ -110,8 +138,8 @@ app.registerExtension({
     window.__IDPORTRAIT__ = { parseBox, formatBox };
   },
   async nodeCreated(node) {
-    const box = node.widgets?.find((w) => w.name === BOX_WIDGET);
-    if (box) addFaceBoxEditor(node, box);
+    const binding = boxBinding(node);
+    if (binding) addFaceBoxEditor(node, binding);
     const outputs = node.outputs ?? [];
     if (outputs.some((o) => o.type === "OMNI_ID")) {
       const onExecuted = node.onExecuted;
