@@ -27,9 +27,7 @@ import embedded_comfy  # noqa: E402,F401  (boots ComfyUI and loads the pack)
 
 import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
-import comfy.supported_models as sm  # noqa: E402
 
 from idportrait.guidance import infinite_id as I  # noqa: E402
 from idportrait.guidance import ip_adapter as IP  # noqa: E402
@@ -44,23 +42,7 @@ VARIANTS = {
 
 
 def full_model(family, dtype):
-    if family == "sdxl":
-        cfg = sm.SDXL({"model_channels": 320, "use_linear_in_transformer": True, "adm_in_channels": 2816,
-                       "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2],
-                       "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-                       "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
-                       "context_dim": 2048, "num_head_channels": 64, "use_spatial_transformer": True, "legacy": False,
-                       "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False,
-                       "use_checkpoint": False})
-    else:
-        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-                       "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-                       "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-                       "guidance_embed": True})
-    cfg.set_inference_dtype(dtype, None)
-    model = cfg.get_model({}, "", device=mm.get_torch_device())
-    tm.randomize_(model.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return tm.full_size_model(family, dtype)
 
 
 def adapter_for(model, family, token_dim, ctx_dim):

@@ -18,8 +18,6 @@ import embedded_comfy  # noqa: E402,F401  (boots ComfyUI and loads the pack)
 
 import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.supported_models as sm  # noqa: E402
 
 from idportrait.guidance import ip_adapter as IP  # noqa: E402
 from idportrait.guidance.patching import apply_injector  # noqa: E402
@@ -27,22 +25,7 @@ from idportrait.nodes import tiny_models as tm  # noqa: E402
 
 
 def full_model(family, dtype):
-    if family == "sd15":
-        cfg = sm.SD15({"model_channels": 320, "use_linear_in_transformer": False, "adm_in_channels": None,
-                       "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2, 2],
-                       "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                       "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "transformer_depth_middle": 1,
-                       "context_dim": 768, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-                       "use_temporal_resblock": False, "use_checkpoint": False})
-    else:
-        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-                       "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-                       "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-                       "guidance_embed": True})
-    cfg.set_inference_dtype(dtype, None)
-    model = cfg.get_model({}, "", device=mm.get_torch_device())
-    tm.randomize_(model.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return tm.full_size_model(family, dtype)
 
 
 def adapter_for(model, family, token_dim):

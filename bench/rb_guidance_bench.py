@@ -65,32 +65,8 @@ def late_point(family, model):
 
 
 def full_model(family, dtype):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
     from idportrait.nodes import tiny_models as tm
-    common = {"in_channels": 4, "out_channels": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-              "use_temporal_resblock": False, "use_temporal_attention": False, "use_checkpoint": False,
-              "model_channels": 320}
-    if family == "sd15":
-        cfg = sm.SD15({**common, "use_linear_in_transformer": False, "adm_in_channels": None,
-                       "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-                       "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-                       "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "context_dim": 768})
-    elif family == "sdxl":
-        cfg = sm.SDXL({**common, "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential",
-                       "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-                       "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-                       "context_dim": 2048})
-    else:
-        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-                       "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-                       "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-                       "guidance_embed": True})
-    cfg.set_inference_dtype(dtype, None)
-    model = cfg.get_model({}, "", device=mm.get_torch_device())
-    tm.randomize_(model.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return tm.full_size_model(family, dtype)
 
 
 def one(family, point, p, steps, size, full, threads):

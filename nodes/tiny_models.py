@@ -80,6 +80,34 @@ def model_config(family: str, in_channels: int | None = None):
     return cfg
 
 
+_FULL_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "use_spatial_transformer": True, "legacy": False,
+              "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False, "use_checkpoint": False}
+FULL_SIZE = {   # the real architectures (SD1.5, SDXL base, FLUX.1-dev), for benchmarks with random weights
+    "sd15": lambda: sm.SD15({**_FULL_UNET, "use_linear_in_transformer": False, "adm_in_channels": None,
+                             "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+                             "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "context_dim": 768}),
+    "sdxl": lambda: sm.SDXL({**_FULL_UNET, "use_linear_in_transformer": True, "adm_in_channels": 2816,
+                             "num_classes": "sequential", "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+                             "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048}),
+    "flux": lambda: sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+                             "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
+                             "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+                             "theta": 10000, "qkv_bias": True, "guidance_embed": True}),
+}
+
+
+def full_size_model(family: str, dtype=torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A full-size architecture of ``family`` with random weights, built on the load device (benchmarks)."""
+    cfg = FULL_SIZE[family]()
+    cfg.set_inference_dtype(dtype, None)
+    model = cfg.get_model({}, "", device=mm.get_torch_device())
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def tiny_model(family: str, seed: int = 0, in_channels: int | None = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a randomly initialised tiny diffusion model of the given family."""
     cfg = model_config(family, in_channels)

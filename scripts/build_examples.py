@@ -74,6 +74,17 @@ def load_faces(g, key="faces", image="face.png"):
     return (key, 0)
 
 
+def detect_align(g, key, image):
+    """Offline face detector + Detect & Align (224 px crops for CLIP) of ``image``; returns the crops output."""
+    if "det" not in g:
+        g["det"] = {"type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280,
+                                                                 "provider": "CPU"}}
+    g[key] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": image, "crop_size": "224",
+                                                        "padding": 0.0, "order": "largest", "face_index": 0,
+                                                        "min_face_size": 0, "skip_images_without_face": False}}
+    return (key, 0)
+
+
 def sample_and_save(g, model, pos, neg, vae, family, steps=20, cfg=7.0, size=1024, prefix="idportrait"):
     empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
     g["latent"] = {"type": empty, "inputs": {"width": size, "height": size, "batch_size": 1},
@@ -127,17 +138,8 @@ def wf_sd15_omni_id_controlnet():
                       "keypoint image of the face in 'pose.png' (face tools), so the identity from 'face.png' takes that pose.\n" + OMNI_NOTE.format(clip=CLIP_H))}
     g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
                            "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
-    g["det"] = {"type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280, "provider": "CPU"}}
-    photos = load_faces(g)
-    g["align"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": photos, "crop_size": "224",
-                                                            "padding": 0.0, "order": "largest", "face_index": 0,
-                                                            "min_face_size": 0, "skip_images_without_face": False}}
-    applied = omni_id_block(g, "sd15", ("ckpt", 0), ("align", 0))
-    pose_photo = load_faces(g, "pose_photo", "pose.png")
-    g["pose_faces"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": pose_photo,
-                                                                 "crop_size": "224", "padding": 0.0, "order": "largest",
-                                                                 "face_index": 0, "min_face_size": 0,
-                                                                 "skip_images_without_face": False}}
+    applied = omni_id_block(g, "sd15", ("ckpt", 0), detect_align(g, "align", load_faces(g)))
+    detect_align(g, "pose_faces", load_faces(g, "pose_photo", "pose.png"))
     g["landmark_image"] = {"type": "IDP_FaceLandmarkImage", "inputs": {"faces": ("pose_faces", 1),
                                                                        "style": "5 keypoints (InstantID)", "point_size": 0,
                                                                        "faces_to_use": "selected"}}
@@ -255,12 +257,7 @@ def wf_sd15_rb_guidance():
                       "needed for the guidance itself.\n" + OMNI_NOTE.format(clip=CLIP_H))}
     g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
                            "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
-    g["det"] = {"type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280, "provider": "CPU"}}
-    photos = load_faces(g)
-    g["align"] = {"type": "IDP_FaceDetectAlign", "inputs": {"face_analysis": ("det", 0), "image": photos, "crop_size": "224",
-                                                            "padding": 0.0, "order": "largest", "face_index": 0,
-                                                            "min_face_size": 0, "skip_images_without_face": False}}
-    applied = omni_id_block(g, "sd15", ("ckpt", 0), ("align", 0))
+    applied = omni_id_block(g, "sd15", ("ckpt", 0), detect_align(g, "align", load_faces(g)))
     g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a woman in a garden"}}
     g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
     g["latent"] = {"type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1},
