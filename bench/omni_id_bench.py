@@ -63,14 +63,16 @@ def main():
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out")
+    ap.add_argument("--families", default="sd15,flux", help="comma list (FLUX full size needs ~48 GB in fp32)")
+    ap.add_argument("--size", type=int, default=0, help="image size (default 512 SD / 1024 FLUX full, 128 tiny)")
     a = ap.parse_args()
     dev = mm.get_torch_device()
     dtype = torch.bfloat16 if (a.full and dev.type == "cuda") else torch.float32
     results = {"device": str(torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"), "full_size": a.full,
                "dtype": str(dtype), "runs": []}
-    for family in ("sd15", "flux"):
+    for family in a.families.split(","):
         model = full_model(family, dtype) if a.full else tm.tiny_model(family, 0)
-        size = (512 if family == "sd15" else 1024) if a.full else 128
+        size = a.size or ((512 if family == "sd15" else 1024) if a.full else 128)
         ctx_dim, vec_dim = ((768, 768) if family == "sd15" else (4096, 768)) if a.full else (tm.TEXT_WIDTH, tm.TEXT_WIDTH)
         token_dim = 1280 if a.full else 32
         tokens = torch.randn(1, 256, token_dim)

@@ -252,9 +252,40 @@ def _load_converted(f: _SafetensorsFile, dtype, geometry: Geometry) -> FlashFace
     return out
 
 
-def load(path: str, dtype=None, geometry: Geometry = SD15) -> FlashFaceWeights:
-    """Any of the three inputs (see the module docstring) -> :class:`FlashFaceWeights`."""
+# (key in a FlashFace file, key in our converted file): the width of the time embedding's input is the
+# UNet's model_channels; the input width of a cross-attention key projection is the text context width.
+_GEOMETRY_PROBES = (
+    ("time_embedding.0.weight", "main.time_embed.0.weight"),
+    ("ori_encoder.1.1.blocks.0.cross_attn.k.weight", "main.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"),
+)
+
+
+def infer_geometry(sd: Mapping[str, torch.Tensor]) -> Geometry:
+    """The widths a FlashFace-layout state dict was made with; SD1.5's when the file does not tell.
+
+    Files that are not FlashFace's fall back to SD1.5 so that :func:`convert` reports what is wrong.
+    """
+    found = []
+    for names in _GEOMETRY_PROBES:
+        cands = list(names) + [fk.alias_of(names[0]) or names[0]]
+        key = next((k for k in cands if k in sd), None)
+        if key is None:
+            return SD15
+        found.append(_shape(sd, key)[1])
+    return Geometry(*found)
+
+
+def load(path: str, dtype=None, geometry: Geometry | str = SD15) -> FlashFaceWeights:
+    """Any of the three inputs (see the module docstring) -> :class:`FlashFaceWeights`.
+
+    ``geometry="auto"`` reads the widths from the file (tiny test checkpoints); every key and shape
+    is still checked against the released layout at those widths.
+    """
     sd = read_state_dict(path)
+    if geometry == "auto":
+        geometry = infer_geometry(sd)
+        if geometry != SD15:
+            log.warning("%s has non-SD1.5 widths %s: a test checkpoint, not the released weights", path, geometry)
     if isinstance(sd, _SafetensorsFile) and sd.metadata.get("format") == FORMAT:
         return _load_converted(sd, _dtype(dtype), geometry)
     return convert(sd, dtype, geometry)

@@ -4,7 +4,6 @@ The tiny checkpoint has every one of the 2142 released keys, with every width di
 768 -> 24), random values, and the aliases holding copies of their ori_* twins as in the real file.
 Converted state dicts must load strictly into tiny UNets built with ComfyUI's own classes.
 """
-import ast
 import fractions
 import json
 import os
@@ -23,20 +22,11 @@ from comfy.ldm.modules.attention import CrossAttention
 
 import idportrait.guidance.flashface_checkpoint as ffc
 import idportrait.guidance.flashface_keys as fk
+from flashface_tiny import tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS_FILE = os.path.join(REPO, "..", "shared", "reference", "flashface", "checkpoint_keys_shapes.txt")
 TINY = ffc.Geometry(model_channels=32, context_dim=24)
 N_MAIN, N_REF, N_SHARED = 686, 686, 4 + 46 + 4  # shared: time embedding, middle block (no SAF), head
-
-
-def tiny_shape(shape):
-    """Released shape -> tiny shape: channel widths / 10, context 768 -> 24; in/out channels and kernels kept."""
-    def dim(i, d):
-        if i >= 2 or d in (4, 5):
-            return d
-        return 24 if d == 768 else d // 10
-    return tuple(dim(i, d) for i, d in enumerate(shape))
 
 
 def tiny_unet(in_channels):
@@ -51,19 +41,7 @@ def tiny_unet(in_channels):
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    if not os.path.isfile(KEYS_FILE):
-        pytest.skip(f"shared reference data absent: {os.path.normpath(KEYS_FILE)}")
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    with open(KEYS_FILE, encoding="utf-8") as fh:
-        for line in fh:
-            key, shape = line.rstrip("\n").split("\t")
-            sd[key] = torch.randn(tiny_shape(ast.literal_eval(shape)), generator=g) * 0.05
-    for alias, canonical in fk.ALIASES.items():  # the real file stores identical copies under both names
-        for key in [k for k in sd if k.startswith(canonical + ".")]:
-            sd[alias + key[len(canonical):]] = sd[key].clone()
-    assert len(sd) == 2142
-    return sd
+    return tiny_state_dict(context=TINY.context_dim)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +214,13 @@ def test_cli_converts_in_process(tiny_files, tmp_path, monkeypatch):
     for a, b in zip(back, ref):
         assert_same_values(a, b)
         assert {t.dtype for t in a.values()} == {torch.bfloat16}
+
+
+def test_geometry_auto_reads_the_widths_from_the_file(tiny_files, tmp_path):
+    auto = ffc.load(tiny_files[0], geometry="auto")
+    for a, b in zip(auto, ffc.load(tiny_files[0], geometry=TINY)):
+        assert_same_values(a, b)
+    out = str(tmp_path / "c.safetensors")
+    ffc.save_converted(auto, out)
+    assert ffc.infer_geometry(ffc.read_state_dict(out)) == TINY            # our converted format
+    assert ffc.infer_geometry({"a": torch.zeros(1)}) == ffc.SD15            # not FlashFace: SD1.5, then convert() says why

@@ -1,0 +1,162 @@
+"""Per-step cost of FlashFace (released layout and training-free extension) vs plain two-way CFG, and peak memory.
+
+  python bench/flashface_bench.py [--full] [--steps N] [--size PX] [--out bench/results/flashface_<device>.json]
+
+Default: tiny random-weight models on the CPU (the FlashFace layout at widths /10; the SD1.5 stand-in for the
+training-free mode). --full: full-size random-weight SD1.5 FlashFace (main + reference UNet, 1.65 B parameters,
+fp16) at 512x512 on a GPU; the issue's target is ≤ 1.6x plain two-way CFG per step with 4 references in the
+three-way phase.
+
+Each configuration runs in its own process so that its peak memory is its own: peak RSS on the CPU,
+torch.cuda.max_memory_allocated on a GPU. Time per step is the wall time between sampler callbacks after one
+warm-up step (Euler, cond and uncond batched; the three-way phase adds the reference row to the batch). The
+configurations run interleaved for several rounds; the ratios use the fastest step seen per configuration, which
+is the least disturbed by other processes on a shared machine (the medians are in the JSON too). CPU runs use one
+thread (--threads) for the same reason.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = {
+    # name: (layout, number of references, launch)  launch 1000 = three-way at every step, -1 = never
+    "flashface_plain_cfg": ("flashface", 0, None),
+    "flashface_1ref_three_way": ("flashface", 1, 1000.0),
+    "flashface_4ref_three_way": ("flashface", 4, 1000.0),
+    "flashface_4ref_two_way_phase": ("flashface", 4, -1.0),
+    "training_free_sd15_plain_cfg": ("training_free", 0, None),
+    "training_free_sd15_1ref_three_way": ("training_free", 1, 1000.0),
+    "training_free_sd15_4ref_three_way": ("training_free", 4, 1000.0),
+}
+
+
+def _one(name, full, steps, size, threads):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    import embedded_comfy  # noqa: F401  (boots ComfyUI and loads the pack)
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    import comfy.model_management as mm
+    import comfy.sample
+    from idportrait.guidance import flashface as FF
+    from idportrait.guidance import flashface_checkpoint as ffc
+    from idportrait.nodes import tiny_models as tm
+
+    layout, n_refs, launch = CONFIGS[name]
+    dev = mm.get_torch_device()
+    g = torch.Generator().manual_seed(0)
+    ctx_dim = 768 if full else tm.TEXT_WIDTH
+    if layout == "flashface":
+        geometry = ffc.SD15 if full else ffc.Geometry(32, ctx_dim)
+        dtype = torch.float16 if full else torch.float32
+        shapes = ffc.expected_shapes(geometry)
+        weights = ffc.FlashFaceWeights(*({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes[part].items()}
+                                         for part in ("main", "ref", "ref_attention")))
+        model = FF.build_models(weights, "fp16" if full else "fp32")
+    else:
+        if full:
+            raise SystemExit("the training-free configurations run on the tiny stand-in only")
+        model = tm.tiny_model("sd15", 0)
+    if n_refs:
+        refs = FF.FlashFaceReferences.single(torch.randn(n_refs, 4, 28, 28, generator=g))   # 224 px faces
+        guidance = FF.Guidance(launch=launch)
+        model = (FF.apply_flashface(model, refs, guidance) if layout == "flashface"
+                 else FF.apply_training_free(model, refs, guidance))
+    cond = [[torch.randn(1, 77, ctx_dim, generator=g), {}]]
+    neg = [[torch.randn(1, 77, ctx_dim, generator=g), {}]]
+    lat = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    times = []
+
+    def cb(*a):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    comfy.sample.sample(model, noise, steps + 1, 7.5, "euler", "simple", cond, neg, lat, callback=cb, disable_pbar=True)
+    total = time.perf_counter() - t0
+    diffs = [b - a for a, b in zip(times, times[1:])]
+    out = {"config": name, "layout": layout, "references": n_refs, "launch": launch, "steps_timed": len(diffs),
+           "s_per_step_median": statistics.median(diffs), "s_per_step_min": min(diffs), "s_per_step_all": diffs,
+           "total_s": total,
+           "device": str(dev)}
+    if dev.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_mem_kind"] = "process peak RSS (includes ComfyUI itself)"
+    print("RESULT " + json.dumps(out))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="full-size SD1.5 FlashFace at 512 px (GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 6 tiny, 10 full)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 256 tiny, 512 full)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    steps = args.steps or (10 if args.full else 6)
+    size = args.size or (512 if args.full else 256)
+    if args.one:
+        _one(args.one, args.full, steps, size, args.threads)
+        return
+    names = [n for n in CONFIGS if not (args.full and n.startswith("training_free"))]
+    runs = {n: [] for n in names}
+    for rnd in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--size", str(size),
+                   "--threads", str(args.threads)] + (["--full"] if args.full else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"{name} failed")
+            runs[name].append(json.loads(line[len("RESULT "):]))
+            r = runs[name][-1]
+            print(f"round {rnd + 1} {name:38s} min {r['s_per_step_min'] * 1000:8.1f} ms/step  median "
+                  f"{r['s_per_step_median'] * 1000:8.1f}  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
+    results = {}
+    for name, rs in runs.items():
+        all_steps = [d for r in rs for d in r["s_per_step_all"]]
+        results[name] = {**{k: v for k, v in rs[0].items() if k not in ("s_per_step_all", "total_s")},
+                         "s_per_step_min": min(all_steps), "s_per_step_median": statistics.median(all_steps),
+                         "s_per_step_all": all_steps, "peak_mem_mb": max(r["peak_mem_mb"] for r in rs)}
+    ratios, ratios_median = {}, {}
+    for layout, plain in (("flashface", "flashface_plain_cfg"), ("training_free", "training_free_sd15_plain_cfg")):
+        if plain in results:
+            base, base_med = results[plain]["s_per_step_min"], results[plain]["s_per_step_median"]
+            for n, r in results.items():
+                if r["layout"] == layout and n != plain:
+                    ratios[n] = r["s_per_step_min"] / base
+                    ratios_median[n] = r["s_per_step_median"] / base_med
+    device = results[names[0]]["device"]
+    report = {"size_px": size, "steps_timed": steps, "full": args.full, "device": device,
+              "reference_px": 224, "sampler": "euler/simple, cfg 7.5",
+              "note": ("tiny random-weight models on a shared CPU: absolute times are noisy; compare the ratios"
+                       if not args.full else "full-size random-weight SD1.5 FlashFace, fp16"),
+              "threads": args.threads, "rounds": args.rounds,
+              "ratio_to_plain_two_way_cfg": ratios, "ratio_of_medians": ratios_median,
+              "target_4ref_three_way_ratio": 1.6, "results": results}
+    out = args.out or os.path.join(HERE, "results", f"flashface_{'cuda' if 'cuda' in device else 'cpu'}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    for n, r in ratios.items():
+        print(f"{n:38s} {r:5.2f}x plain")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
