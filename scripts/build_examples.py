@@ -275,6 +275,62 @@ def wf_sd15_rb_guidance():
     return g
 
 
+def wf_flashface_sd15():
+    g = {"note": note("FlashFace (released SD1.5 weights) with a face position box. Models: flashface.ckpt from "
+                      "HF shilongz/FlashFace-SD1.5 in models/flashface (convert it once to a deduplicated safetensors "
+                      "with `python -m guidance.flashface_checkpoint`, see README); the SD1.5 checkpoint for its text "
+                      "encoder and VAE. Draw the face box on the sampler node (drag in the box editor). Released "
+                      "defaults: lambda_feat 1.2, lambda_ref 3.2, CFG 7.5, launch 750, 4 references.")}
+    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ff"] = {"type": "IDP_FlashFaceLoader", "inputs": {"flashface_file": "flashface.ckpt", "weight_dtype": "default"},
+               "properties": {"idportrait_stand_in_file": {"folder": "flashface"},
+                              "models": [{"name": "flashface.ckpt", "directory": "flashface",
+                                          "url": "https://huggingface.co/shilongz/FlashFace-SD1.5/resolve/main/flashface.ckpt"}]}}
+    faces = load_faces(g)
+    g["refs"] = {"type": "IDP_FlashFaceEncodeReferences", "inputs": {"faces": faces, "vae": ("ckpt", 2), "crop": "detect",
+                                                                     "size": 224, "pad_to": 4}}
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "a photo of a woman wearing a hat"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "nsfw, blurry, lowres"}}
+    g["latent"] = {"type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["sampler"] = {"type": "IDP_FlashFaceSampler", "inputs": {
+        "model": ("ff", 0), "positive": ("pos", 0), "negative": ("neg", 0), "references": ("refs", 0),
+        "latent_image": ("latent", 0), "seed": 42, "steps": 25, "cfg": 7.5, "lambda_feat": 1.2, "lambda_ref": 3.2,
+        "launch": 750.0, "face_x1": 0.3, "face_y1": 0.1, "face_x2": 0.6, "face_y2": 0.4, "num_references": 4},
+        "properties": small(steps=2), "size": [360, 700]}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("sampler", 0), "vae": ("ckpt", 2)}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": "flashface"}}
+    return g
+
+
+def wf_flux_reference_attention():
+    g = {"note": note("Training-free reference attention on FLUX (an extension, not FlashFace's trained model): the model "
+                      "itself encodes the reference faces and their tokens join the keys/values of its joint attention; "
+                      "lambda_feat blends, three-way guidance with lambda_ref. Models as in the FLUX example.")}
+    model, clip, vae = flux_loaders(g)
+    faces = load_faces(g)
+    g["refs"] = {"type": "IDP_FlashFaceEncodeReferences", "inputs": {"faces": faces, "vae": vae, "crop": "detect",
+                                                                     "size": 224, "pad_to": 4}}
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "portrait photo of a person, soft light"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    g["tf"] = {"type": "IDP_FlashFaceTrainingFreeApply", "inputs": {
+        "model": model, "references": ("refs", 0), "positive": ("pos", 0), "negative": ("neg", 0), "lambda_feat": 0.85,
+        "lambda_ref": 2.0, "cfg": 3.5, "launch": 1000.0, "lambda_before": 0.85, "cfg_rescale": 0.0, "blocks": "decoder"}}
+    g["noise"] = {"type": "RandomNoise", "inputs": {"noise_seed": 42}}
+    g["ksel"] = {"type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["sigmas"] = {"type": "BasicScheduler", "inputs": {"model": ("tf", 0), "scheduler": "simple", "steps": 20,
+                                                        "denoise": 1.0}, "properties": small(steps=2)}
+    g["latent"] = {"type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["sample"] = {"type": "SamplerCustomAdvanced", "inputs": {"noise": ("noise", 0), "guider": ("tf", 1),
+                                                               "sampler": ("ksel", 0), "sigmas": ("sigmas", 0),
+                                                               "latent_image": ("latent", 0)}}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("sample", 0), "vae": vae}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": "flux_reference_attention"}}
+    return g
+
+
 WORKFLOWS = {
     "flux_omni_id": wf_flux_omni_id,
     "sdxl_omni_id": wf_sdxl_omni_id,
@@ -284,6 +340,8 @@ WORKFLOWS = {
     "face_metrics": wf_face_metrics,
     "sdxl_infinite_id": wf_sdxl_infinite_id,
     "sd15_rb_guidance_pivot": wf_sd15_rb_guidance,
+    "flashface_sd15_face_box": wf_flashface_sd15,
+    "flux_training_free_reference_attention": wf_flux_reference_attention,
 }
 
 

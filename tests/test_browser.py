@@ -198,3 +198,17 @@ def test_face_box_editor_writes_the_dragged_box(page):
     assert (xs.min().item(), ys.min().item()) == pytest.approx((20, 30), abs=2)
     assert (xs.max().item() + 1, ys.max().item() + 1) == pytest.approx((60, 80), abs=2)
     assert ours(page.idp_errors) == []
+
+
+def test_face_box_editor_drives_flashface_box_and_mask(page):
+    values = draw_box(page, "IDP_FlashFaceApply")
+    box = [values[k] for k in ("face_x1", "face_y1", "face_x2", "face_y2")]
+    assert box == pytest.approx([0.2, 0.3, 0.6, 0.8], abs=0.02)
+    from idportrait.guidance import flashface as ff
+    mask = ff.face_position_mask(box, (96, 96))          # 768 px canvas, as the released demo
+    ys, xs = mask.nonzero(as_tuple=True)
+    px = [int(v * 768) for v in box]
+    side = max(px[2] - px[1], px[3] - px[1])             # released: face_bbox[2] - face_bbox[1]
+    assert (xs.min().item() * 8, ys.min().item() * 8) == pytest.approx((px[0], px[1]), abs=8)
+    assert (ys.max().item() + 1) * 8 == pytest.approx(min(768, px[1] + side), abs=8)
+    assert ours(page.idp_errors) == []

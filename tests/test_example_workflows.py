@@ -44,6 +44,15 @@ def prepare_files(ui):
             if spec["folder"] == "omni_id":
                 from test_omni_id_nodes import write_weights
                 write_weights(spec["family"], n["widgets_values"][0])
+            elif spec["folder"] == "flashface":
+                import folder_paths
+                import torch
+                from flashface_tiny import tiny_state_dict
+                from idportrait.nodes import tiny_models as tm
+                d = os.path.join(harness.BASE_DIR, "models", "flashface")
+                os.makedirs(d, exist_ok=True)
+                folder_paths.add_model_folder_path("flashface", d)
+                torch.save(tiny_state_dict(context=tm.TEXT_WIDTH), os.path.join(d, n["widgets_values"][0]))
             else:
                 raise AssertionError(f"no stand-in writer for folder {spec['folder']!r}")
 
