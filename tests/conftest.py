@@ -13,6 +13,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (loads a real ComfyUI and this pack once per session)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and on a shared 2-core machine OpenMP spin-waiting of several
+    threads per process can slow these tests down by an order of magnitude. Use with pytest.mark.usefixtures."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

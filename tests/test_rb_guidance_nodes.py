@@ -14,13 +14,7 @@ from test_omni_id_nodes import write_weights
 IMG = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core CI box: a second intra-op thread only adds spin-waiting (3x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _load(prefix):

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import harness  # noqa: F401
@@ -20,12 +19,7 @@ GRID_B = [(y, p, r) for y, p, r in zip((-50, -25, 0, 25, 50, -50, 0, 50), (-25, 
                                        (0, 0, 0, 0, 0, 20, -20, 20))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _write(folder, frames):

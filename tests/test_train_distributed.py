@@ -20,12 +20,7 @@ CLI = os.path.join(harness.REPO, "omni_encoder", "train", "cli.py")
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _free_port() -> int:

@@ -23,14 +23,7 @@ from idportrait.omni_encoder.train.export import read_encoder_weights
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared CI machine OpenMP spin-waiting of
-    several threads per process can slow these tests down by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def ds2(tmp_path_factory):
