@@ -299,7 +299,7 @@ class InfiniteIDInjector(Injector):
         if ident.numel() == 0 and merge.numel() == 0:
             return out
         new = out.clone()
-        k_ip, v_ip = self.identity._sd_kv(ctx.key, ctx.q)   # (1, T, inner)
+        k_ip, v_ip = self.identity.sd_kv(ctx.key, ctx.q)   # (1, T, inner)
         if ident.numel():
             # the text term is removed, not scaled: exact zeros (plus what stacked patches added)
             new[ident] = 0.0 if out is ctx.base else out[ident] - ctx.base[ident]
@@ -349,7 +349,7 @@ class InfiniteIDInjector(Injector):
             vec = args["vec"][rows] if torch.is_tensor(args["vec"]) else args["vec"]
             q = (ipa.flux_double_query(block, img_tokens[rows], vec) if ctx.kind == "double"
                  else ipa.flux_single_query(block, img_tokens[rows], vec))
-            k_ip, v_ip = self.identity._flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+            k_ip, v_ip = self.identity.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
             n, H, L, D = q.shape
             k = k_ip.view(1, -1, H, D).transpose(1, 2).expand(n, -1, -1, -1)
             v = v_ip.view(1, -1, H, D).transpose(1, 2).expand(n, -1, -1, -1)

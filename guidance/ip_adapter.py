@@ -128,8 +128,8 @@ class IdentityInjector(Injector):
     def __deepcopy__(self, memo):
         return self
 
-    # -- keys/values of ℓ, once per (site, device, dtype)
-    def _sd_kv(self, key, like: torch.Tensor):
+    # -- keys/values of ℓ, once per (site, device, dtype); public: Infinite-ID and RB-Guidance reuse them
+    def sd_kv(self, key, like: torch.Tensor):
         ck = (key, like.device, like.dtype)
         if ck not in self._kv:
             with torch.no_grad():
@@ -139,7 +139,7 @@ class IdentityInjector(Injector):
                 self._kv[ck] = (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip))
         return self._kv[ck]
 
-    def _flux_kv(self, name, like: torch.Tensor):
+    def flux_kv(self, name, like: torch.Tensor):
         ck = (name, like.device, like.dtype)
         if ck not in self._kv:
             with torch.no_grad():
@@ -158,7 +158,7 @@ class IdentityInjector(Injector):
     def attn2(self, ctx: CallContext, out, **kwargs):
         if self.weight == 0.0:
             return out
-        k_ip, v_ip = self._sd_kv(ctx.key, ctx.q)
+        k_ip, v_ip = self.sd_kv(ctx.key, ctx.q)
         B = ctx.q.shape[0]
         ip = optimized_attention(ctx.q, _rows_batch(k_ip, B), _rows_batch(v_ip, B), ctx.n_heads,
                                  transformer_options=ctx.transformer_options)
@@ -184,7 +184,7 @@ class IdentityInjector(Injector):
 
     def _flux_ip(self, ctx: CallContext, q: torch.Tensor, heads: int) -> torch.Tensor:
         """q: (B, H, L, D) pre-RoPE query of the image tokens → (B, L, H*D) weighted, masked IP output."""
-        k_ip, v_ip = self._flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+        k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
         B, H, L, D = q.shape
         k = _rows_batch(k_ip, B).view(B, -1, H, D).transpose(1, 2)
         v = _rows_batch(v_ip, B).view(B, -1, H, D).transpose(1, 2)

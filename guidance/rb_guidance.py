@@ -354,7 +354,7 @@ class RBInjector(Injector):
             logits = q @ _heads(ctx.k[:b].detach(), n).transpose(-1, -2) * q.shape[-1] ** -0.5
 
             def ip_logits(inj):
-                k_ip, _ = inj._sd_kv(ctx.key, ctx.q)
+                k_ip, _ = inj.sd_kv(ctx.key, ctx.q)
                 return q @ _heads(_batch_rows(k_ip.detach(), b), n).transpose(-1, -2) * q.shape[-1] ** -0.5
             _record_cross(cap.record, logits, ip_logits, ctx, _identity_adapters(ctx.transformer_options))
         return out
@@ -426,7 +426,7 @@ def _record_flux(cap: _Capture, ctx, args, q, k) -> None:
         def ip_logits(inj):
             block = ctx.module()
             q_pre = flux_double_query(block, args["img"][:b].detach(), args["vec"][:b].detach())
-            k_ip, _ = inj._flux_kv(f"double_{ctx.key[1]}", q_pre)
+            k_ip, _ = inj.flux_kv(f"double_{ctx.key[1]}", q_pre)
             k_ip = _batch_rows(k_ip.detach(), b)
             k_ip = k_ip.view(b, k_ip.shape[1], heads, -1).transpose(1, 2)
             return q_pre @ k_ip.transpose(-1, -2) * scale

@@ -174,7 +174,7 @@ def test_text_stream_meets_identity_only_through_mixed_attention_and_merge():
             # text rows: the stock text cross-attention, nothing added (merge off)
             assert torch.equal(out[text], base[text])
             # identity rows: no text at all; cond rows carry exactly w * Attn(Q, K_ip, V_ip), uncond rows nothing
-            k_ip, v_ip = inj.identity._sd_kv(key, q)
+            k_ip, v_ip = inj.identity.sd_kv(key, q)
             heads = P.unet_attention_module(m.model.diffusion_model, key, "attn2").heads
             for c, r in zip(cou, ident):
                 if c == P.UNCOND:

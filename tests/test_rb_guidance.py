@@ -383,7 +383,7 @@ def test_adapter_attention_share_is_the_joint_softmax_mass():
     ctx = P.CallContext(kind="attn2", key=key, sigma=1.0, cond_or_uncond=[0], transformer_options=to, q=q, k=k,
                         v=k, n_heads=n)
     RG.RBInjector().attn2(ctx, torch.zeros(1, 64, n * d))
-    k_ip, _ = inj._sd_kv(key, q)
+    k_ip, _ = inj.sd_kv(key, q)
     qh = q.view(1, 64, n, d).transpose(1, 2)
     lt = qh @ k.view(1, 77, n, d).transpose(1, 2).transpose(-1, -2) / d ** 0.5
     li = qh @ k_ip.view(1, -1, n, d).transpose(1, 2).transpose(-1, -2) / d ** 0.5

@@ -139,10 +139,10 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
         k, v = self.train_kv[name]
         return k.to(like.dtype), v.to(like.dtype)
 
-    def _sd_kv(self, key, like):
+    def sd_kv(self, key, like):
         return self._lookup(ipa.sd_key_name(key), like)
 
-    def _flux_kv(self, name, like):
+    def flux_kv(self, name, like):
         return self._lookup(name, like)
 
     # ComfyUI's FLUX blocks update img/txt in place: keep autograd's saved copies private (trunk.py).
@@ -157,7 +157,7 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
     def attn2(self, ctx, out, **kwargs):
         if self.key_mask is None:
             return super().attn2(ctx, out, **kwargs)
-        k_ip, v_ip = self._sd_kv(ctx.key, ctx.q)
+        k_ip, v_ip = self.sd_kv(ctx.key, ctx.q)
         b, lq, inner = ctx.q.shape
         h = ctx.n_heads
         q = ctx.q.view(b, lq, h, -1).transpose(1, 2)
@@ -170,7 +170,7 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
     def _flux_ip(self, ctx, q, heads):
         if self.key_mask is None:
             return super()._flux_ip(ctx, q, heads)
-        k_ip, v_ip = self._flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+        k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
         b, h, lq, d = q.shape
         k = ipa._rows_batch(k_ip, b).view(b, -1, h, d).transpose(1, 2)
         v = ipa._rows_batch(v_ip, b).view(b, -1, h, d).transpose(1, 2)
