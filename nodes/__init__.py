@@ -5,7 +5,7 @@ Each module exposes ``NODES``; all are imported eagerly (see scripts/embedded_co
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import face_tools, flashface, infinite_id, omni_id, rb_guidance, tiny_models
+from . import face_tools, flashface, infinite_id, migrations, omni_id, rb_guidance, tiny_models
 
 _MODULES = (tiny_models, omni_id, flashface, rb_guidance, infinite_id, face_tools)
 
@@ -16,4 +16,5 @@ def all_nodes() -> list[type[io.ComfyNode]]:
 
 class IdentityPortraitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        migrations.register()   # here, not in on_load: 0.3.75 never calls on_load
         return all_nodes()

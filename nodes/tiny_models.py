@@ -204,7 +204,7 @@ class TinyModels(io.ComfyNode):
             inputs=[
                 io.Combo.Input("family", options=list(FAMILIES), default="sd15",
                                tooltip="Which architecture to imitate: sd15 / sdxl (UNet) or flux (DiT)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("weights_seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the random weights; the same seed always gives the same model."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
@@ -212,9 +212,9 @@ class TinyModels(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
-        log.info("building tiny %s stand-in models (seed %d)", family, seed)
-        return io.NodeOutput(tiny_model(family, seed), tiny_clip(seed), tiny_vae(family, seed))
+    def execute(cls, family: str, weights_seed: int) -> io.NodeOutput:
+        log.info("building tiny %s stand-in models (seed %d)", family, weights_seed)
+        return io.NodeOutput(tiny_model(family, weights_seed), tiny_clip(weights_seed), tiny_vae(family, weights_seed))
 
 
 class TinyClipVision(io.ComfyNode):
@@ -225,12 +225,12 @@ class TinyClipVision(io.ComfyNode):
             category="identity_portrait/testing",
             description=("A tiny random CLIP vision model (ComfyUI's class, 257 tokens of width 64) in place of "
                          "'Load CLIP Vision' for trying identity workflows on a CPU. Pair it with stand-in Omni-ID weights."),
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+            inputs=[io.Int.Input("weights_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
             outputs=[io.ClipVision.Output(display_name="CLIP_VISION")])
 
     @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
-        return io.NodeOutput(tiny_clip_vision(seed))
+    def execute(cls, weights_seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_clip_vision(weights_seed))
 
 
 class TinyControlNet(io.ComfyNode):
@@ -243,12 +243,12 @@ class TinyControlNet(io.ComfyNode):
                          "in place of 'Load ControlNet Model' to try ControlNet chains on a CPU."),
             inputs=[io.Combo.Input("family", options=["sd15", "sdxl"], default="sd15",
                                    tooltip="Must match the family of the tiny model it controls."),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+                    io.Int.Input("weights_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
             outputs=[io.ControlNet.Output(display_name="CONTROL_NET")])
 
     @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
-        return io.NodeOutput(tiny_controlnet(family, seed))
+    def execute(cls, family: str, weights_seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_controlnet(family, weights_seed))
 
 
 NODES = [TinyModels, TinyClipVision, TinyControlNet]

@@ -24,7 +24,7 @@ CI_SIZE = {"width": 128, "height": 128}
 
 
 def tiny(family, slot=None, **extra):
-    st = {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": 0}}
+    st = {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}}
     if slot is not None:
         st["outputs"] = [slot]
     return {"idportrait_stand_in": st, **extra}
@@ -53,7 +53,7 @@ def omni_id_block(g, family, model, faces=("faces", 0), key="", weight=1.0, mask
     omni_file = omni_file or f"omni_id_{family}.safetensors"
     if "cv" not in g:
         g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
-                   "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+                   "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
                                   "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
     if "omni" not in g:
         g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file},
@@ -147,7 +147,7 @@ def wf_sd15_omni_id_controlnet():
     g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
     g["cn"] = {"type": "ControlNetLoader", "inputs": {"control_net_name": "control_v11p_sd15_openpose.safetensors"},
                "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyControlNet",
-                                                      "inputs": {"family": "sd15", "seed": 0}}}}
+                                                      "inputs": {"family": "sd15", "weights_seed": 0}}}}
     control = ("landmark_image", 0)
     g["cnapply"] = {"type": "ControlNetApplyAdvanced", "inputs": {"positive": ("pos", 0), "negative": ("neg", 0),
                                                                    "control_net": ("cn", 0), "image": control,
@@ -185,7 +185,7 @@ def wf_identity_mixing():
     fa = load_faces(g, "faces_a", "face.png")
     fb = load_faces(g, "faces_b", "face_b.png")
     g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
-               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}}}}
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}}}}
     g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sd15.safetensors"},
                  "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sd15"}}}
     for k, f in (("a", fa), ("b", fb)):
@@ -234,7 +234,7 @@ def wf_sdxl_infinite_id():
                            "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0")
     faces = load_faces(g)
     g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
-               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
                               "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
     g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sdxl.safetensors"},
                  "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sdxl"}}}

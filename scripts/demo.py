@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         jobs = [(a.family, {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": a.checkpoint}}, 512, 20,
                  f"your checkpoint {a.checkpoint}")]
     else:
-        jobs = [(f, {"class_type": "IDP_TinyModels", "inputs": {"family": f, "seed": 0}}, 256, 8,
+        jobs = [(f, {"class_type": "IDP_TinyModels", "inputs": {"family": f, "weights_seed": 0}}, 256, 8,
                  f"STAND-IN tiny random {f} model (no weights configured): the image is noise by design")
                 for f in ("sd15", "sdxl", "flux")]
     for family, loader, size, steps, what in jobs:

@@ -60,8 +60,8 @@ def stand_in_ui(base):
     meta, enc, proj = W.load_identity_weights(src)
     W.save_identity_weights(os.path.join(base, "models", "omni_id", "browser_sd15.safetensors"), enc, proj, meta)
     g = {
-        "ckpt": {"type": "IDP_TinyModels", "inputs": {"family": "sd15", "seed": 0}},
-        "cv": {"type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+        "ckpt": {"type": "IDP_TinyModels", "inputs": {"family": "sd15", "weights_seed": 0}},
+        "cv": {"type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
         "omni": {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "browser_sd15.safetensors"}},
         "faces": {"type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x886644}},
         "enc": {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
@@ -211,4 +211,30 @@ def test_face_box_editor_drives_flashface_box_and_mask(page):
     side = max(px[2] - px[1], px[3] - px[1])             # released: face_bbox[2] - face_bbox[1]
     assert (xs.min().item() * 8, ys.min().item() * 8) == pytest.approx((px[0], px[1]), abs=8)
     assert (ys.max().item() + 1) * 8 == pytest.approx(min(768, px[1] + side), abs=8)
+    assert ours(page.idp_errors) == []
+
+
+def test_old_ui_workflow_loads_and_runs_in_the_frontend(page, server):
+    """A UI workflow saved before the stand-ins' 'seed' became 'weights_seed' loads as saved and runs."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy", "tiny_sd15_ui_v0.1.0.json")) as f:
+        ui = json.load(f)
+    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
+    page.wait_for_timeout(300)
+    values = page.evaluate("""() => {
+        const n = app.graph._nodes.find(n => n.type === 'IDP_TinyModels');
+        return Object.fromEntries(n.widgets.map(w => [w.name, w.value]));
+    }""")
+    assert values["family"] == "sd15" and values["weights_seed"] == 5
+    before = set(json.loads(_get(server["url"] + "/history")[1]))
+    clear_overlays(page)
+    page.evaluate("() => app.queuePrompt(0)")
+    deadline = time.time() + 120
+    while True:
+        hist = json.loads(_get(server["url"] + "/history")[1])
+        new = [v for k, v in hist.items() if k not in before]
+        if new and new[0]["status"].get("completed"):
+            break
+        assert time.time() < deadline, "the old workflow did not run"
+        time.sleep(0.5)
+    assert new[0]["status"]["status_str"] == "success"
     assert ours(page.idp_errors) == []

@@ -164,10 +164,10 @@ def test_selection_errors_and_skip():
 
 def _controlnet_workflow(hint: list) -> dict:
     return {
-        "m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "seed": 0}},
+        "m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "weights_seed": 0}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["m", 1], "text": "portrait photo of a woman"}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["m", 1], "text": "blurry"}},
-        "cn": {"class_type": "IDP_TinyControlNet", "inputs": {"family": "sd15", "seed": 0}},
+        "cn": {"class_type": "IDP_TinyControlNet", "inputs": {"family": "sd15", "weights_seed": 0}},
         "apply": {"class_type": "ControlNetApplyAdvanced",
                   "inputs": {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0], "image": hint,
                              "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
@@ -333,7 +333,7 @@ det = {"img": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
 ex = harness.run_workflow(det)
 res["det_text"] = ex.history_result["outputs"]["det"]["text"][0]
 res["crops"] = len(ex.history_result["outputs"]["c"]["images"])
-gen = {"m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "seed": 0}},
+gen = {"m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "weights_seed": 0}},
        "t": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["m", 1], "text": "a photo"}},
        "l": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
        "k": {"class_type": "KSampler", "inputs": {"model": ["m", 0], "positive": ["t", 0], "negative": ["t", 0],
@@ -423,8 +423,8 @@ def _expected_metrics(pack, files, clip_vision, clip) -> dict:
 
 def test_metrics_node_equals_face_metrics_functions(standin_packs):
     files = _standin_images()
-    wf = {"fa": _loader("antelopev2"), "m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "seed": 0}},
-          "cv": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}}}
+    wf = {"fa": _loader("antelopev2"), "m": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "weights_seed": 0}},
+          "cv": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}}}
     for role, prefix in (("gen", "g"), ("ref", "r"), ("tgt", "t")):
         nodes, last = _batch_nodes(prefix, files[role])
         wf.update(nodes)

@@ -45,7 +45,7 @@ def latent(ex, node):
 def base_graph(family="sd15", faces=2, crop="pre-cropped"):
     empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
     return {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": 0}},
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a young woman"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": empty, "inputs": {"width": 128, "height": 128, "batch_size": 1}},
@@ -133,7 +133,7 @@ def test_training_free_workflow(family, controlnet):
           "cfg_rescale": 0.0, "blocks": "decoder"}
     pos, neg = ("2", 0), ("3", 0)
     if controlnet:
-        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "seed": 0}}
+        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "weights_seed": 0}}
         wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1,
                                                            "color": 0xFFFFFF}}
         wf["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0],

@@ -47,12 +47,12 @@ def write_weights(family, name=None, seed=0):
 def workflow(family, omni_file, weight=1.0, controlnet=False, mask=False):
     empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
     wf = {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": 0}},
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a woman"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": empty, "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "10": {"class_type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file}},
-        "11": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+        "11": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
         "12": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 112, "batch_size": 3, "color": 0x996655}},
         "13": {"class_type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ["10", 0], "clip_vision": ["11", 0],
                                                             "faces": ["12", 0], "crop": "center"}},
@@ -68,7 +68,7 @@ def workflow(family, omni_file, weight=1.0, controlnet=False, mask=False):
         wf["15"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}}
         wf["14"]["inputs"]["attn_mask"] = ["15", 0]
     if controlnet:
-        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "seed": 0}}
+        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "weights_seed": 0}}
         wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0xFFFFFF}}
         wf["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
                                                                          "control_net": ["20", 0], "image": ["21", 0],

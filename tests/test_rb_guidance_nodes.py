@@ -26,7 +26,7 @@ def _load(prefix):
 def _base(family, tag):
     empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
     return {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": 0}},
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a woman"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": empty, "inputs": {"width": IMG, "height": IMG, "batch_size": 1}},
@@ -80,7 +80,7 @@ def test_guider_workflow_runs_end_to_end_and_p_zero_equals_cfg_guider(family):
 
 def test_guider_with_controlnet_conditioning():
     def with_cn(wf):
-        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": "sd15", "seed": 0}}
+        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": "sd15", "weights_seed": 0}}
         wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": IMG, "height": IMG, "batch_size": 1,
                                                             "color": 0xFFFFFF}}
         wf["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
@@ -103,7 +103,7 @@ def test_guider_combined_with_omni_id_uses_the_adapters_attention(family):
     wf = guided(family, f"omni_{family}_g", model=("30", 0), region="adapter")
     wf.update({
         "31": {"class_type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": name}},
-        "32": {"class_type": "IDP_TinyClipVision", "inputs": {"seed": 0}},
+        "32": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
         "33": {"class_type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ["31", 0], "clip_vision": ["32", 0],
                                                             "faces": ["8", 0], "crop": "center"}},
         "30": {"class_type": "IDP_OmniIDApply", "inputs": {"model": ["1", 0], "omni_id_model": ["31", 0],

@@ -40,7 +40,7 @@ def test_web_extension_is_served(server):
 
 def _latent_workflow(prefix):
     return {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "seed": 5}},
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": "sd15", "weights_seed": 5}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "portrait photo of a woman"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "lowres"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},

@@ -9,7 +9,7 @@ from idportrait.nodes import tiny_models as tm
 def _workflow(family, seed=0, steps=2, size=64):
     empty = ("EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage")
     return {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "seed": seed}},
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": seed}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a woman"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": empty, "inputs": {"width": size, "height": size, "batch_size": 1}},

@@ -1,0 +1,87 @@
+"""Keeping shared workflows loading when one of our node inputs is renamed.
+
+Saved workflows reference inputs by name (API format, and the sockets of the UI format) and widgets by
+position (UI format). When an input must change, add it to ``RENAMED_INPUTS`` (node id → {old: new}) and to the
+README's migration table; keep a saved copy of an old workflow under tests/data/legacy/ with a test.
+
+* API format (``POST /prompt``, and what the frontend sends after loading an old UI workflow): an on-prompt
+  handler registered with ComfyUI's server renames old input keys before validation.
+* UI format: ``migrate_ui_workflow`` renames old socket names and drops widget values that a renamed INT
+  ``seed`` widget carried for the frontend's "control after generate" companion (see ``DROPPED_COMPANIONS``).
+
+Migrations so far:
+* 0.1.0 → 0.2.0: the stand-in nodes' ``seed`` became ``weights_seed``: the frontend attaches a "control after
+  generate: randomize" widget to any INT named ``seed``, which re-rolled the stand-in weights on every run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+log = logging.getLogger(__name__)
+
+RENAMED_INPUTS: dict[str, dict[str, str]] = {
+    "IDP_TinyModels": {"seed": "weights_seed"},
+    "IDP_TinyClipVision": {"seed": "weights_seed"},
+    "IDP_TinyControlNet": {"seed": "weights_seed"},
+}
+# renamed widgets whose old name made the frontend store one extra value right after them
+DROPPED_COMPANIONS: dict[str, dict[str, int]] = {
+    "IDP_TinyModels": {"seed": 1},        # widgets_values: family, seed, <control>
+    "IDP_TinyClipVision": {"seed": 0},    # widgets_values: seed, <control>
+    "IDP_TinyControlNet": {"seed": 1},
+}
+
+
+def migrate_api_prompt(prompt: dict) -> dict:
+    """Rename old input keys of our nodes in an API-format prompt (returns a new dict; input unchanged)."""
+    out = prompt
+    for nid, node in prompt.items():
+        renames = RENAMED_INPUTS.get(node.get("class_type") if isinstance(node, dict) else None)
+        if not renames or not any(k in node.get("inputs", {}) for k in renames):
+            continue
+        if out is prompt:
+            out = copy.deepcopy(prompt)
+        inputs = out[nid]["inputs"]
+        for old, new in renames.items():
+            if old in inputs and new not in inputs:
+                inputs[new] = inputs.pop(old)
+                log.info("workflow node %s (%s): input %r is now %r", nid, node["class_type"], old, new)
+    return out
+
+
+def migrate_ui_workflow(ui: dict) -> dict:
+    """Rename old socket names and drop stale companion widget values of our nodes in a UI-format workflow."""
+    ui = copy.deepcopy(ui)
+    for node in ui.get("nodes", []):
+        t = node.get("type")
+        for inp in node.get("inputs") or []:
+            new = RENAMED_INPUTS.get(t, {}).get(inp.get("name"))
+            if new:
+                inp["name"] = new
+                if inp.get("widget"):
+                    inp["widget"]["name"] = new
+        values = node.get("widgets_values")
+        for old, pos in DROPPED_COMPANIONS.get(t, {}).items():
+            if isinstance(values, list) and len(values) > pos + 1 and isinstance(values[pos + 1], str):
+                del values[pos + 1]   # the old "control after generate" value ("fixed", "randomize", ...)
+    return ui
+
+
+def on_prompt(json_data: dict) -> dict:
+    """ComfyUI on-prompt handler: migrate the prompt of every POST /prompt before validation."""
+    if isinstance(json_data, dict) and isinstance(json_data.get("prompt"), dict):
+        json_data = {**json_data, "prompt": migrate_api_prompt(json_data["prompt"])}
+    return json_data
+
+
+def register() -> bool:
+    """Install the on-prompt handler when a ComfyUI server exists (not in-process runs)."""
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):
+        return False
+    if on_prompt not in getattr(server, "on_prompt_handlers", []):
+        server.add_on_prompt_handler(on_prompt)
+    return True
