@@ -338,7 +338,9 @@ class FaceDetectAlign(io.ComfyNode):
         debug = detect.draw_detections(image, detected, selected)
         fs = FaceSet(image, detected, selected, aligned, size, padding, face_analysis.backend)
         crops = aligned.crops.to(mm.intermediate_device())
-        return io.NodeOutput(crops, fs, debug, ui=ui.PreviewText("\n".join(lines)))
+        # previews on the node: the detections drawn on the input, and the text summary
+        preview = {**ui.PreviewImage(debug, cls=cls).as_dict(), **ui.PreviewText("\n".join(lines)).as_dict()}
+        return io.NodeOutput(crops, fs, debug, ui=preview)
 
 
 # ------------------------------------------------------------------------------------------ landmarks, masks, pose
@@ -401,7 +403,8 @@ class FaceMask(io.ComfyNode):
         m = masks.face_masks(faces.rows(which), faces.height, faces.width, grow=grow / 100.0 if relative else grow,
                              feather_px=feather, source="landmarks" if shape == "landmark hull" else "box",
                              relative=relative)
-        return io.NodeOutput(m.to(mm.intermediate_device()))
+        m = m.to(mm.intermediate_device())
+        return io.NodeOutput(m, ui=ui.PreviewMask(m, cls=cls))   # the mask shown on the node
 
 
 class FaceLandmarkImage(io.ComfyNode):

@@ -47,7 +47,7 @@ def face_tools_workflow(photo_name: str) -> dict:
                                                               "padding": 0.0, "order": "largest", "face_index": 0,
                                                               "min_face_size": 0, "skip_images_without_face": False}},
         "4": {"class_type": "IDP_FaceMask", "inputs": {"faces": ["3", 1], "shape": "box ellipse", "grow": 8.0,
-                                                       "grow_unit": "pixels", "feather": 4.0}},
+                                                       "grow_unit": "pixels", "feather": 4.0, "faces_to_use": "selected"}},
         "5": {"class_type": "MaskToImage", "inputs": {"mask": ["4", 0]}},
         "6": {"class_type": "IDP_FaceLandmarkImage", "inputs": {"faces": ["3", 1], "style": "5 keypoints (InstantID)",
                                                                 "point_size": 0, "faces_to_use": "selected"}},
@@ -68,6 +68,8 @@ def run_face_tools(ec, folder_paths, out_dir):
     files = []
     for o in ex.history_result["outputs"].values():
         for img in o.get("images", []):
+            if img.get("type", "output") != "output":   # node previews live in temp/
+                continue
             dst = os.path.join(out_dir, img["filename"])
             shutil.copyfile(os.path.join(folder_paths.get_output_directory(), img["subfolder"], img["filename"]), dst)
             files.append(dst)

@@ -567,3 +567,17 @@ def test_every_face_node_documents_itself():
         assert schema.node_id.startswith("IDP_Face") and schema.description and schema.display_name.endswith("(IDP)")
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+
+
+def test_detect_and_mask_nodes_show_previews():
+    """The artist sees the detections and the mask on the nodes themselves (UI previews), not only as outputs."""
+    import sys
+    from PIL import Image
+    from skimage import data
+    sys.path.insert(0, os.path.join(harness.REPO, "scripts"))
+    from demo import face_tools_workflow
+    Image.fromarray(data.astronaut()).save(os.path.join(harness.BASE_DIR, "input", "preview_astronaut.png"))
+    ex = harness.run_workflow(face_tools_workflow("preview_astronaut.png"))
+    outs = ex.history_result["outputs"]
+    assert outs["3"]["images"] and "1 face(s) found" in " ".join(outs["3"]["text"])   # detections drawn + summary
+    assert outs["4"]["images"]                                                        # the mask preview
