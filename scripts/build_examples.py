@@ -39,6 +39,11 @@ def checkpoint(family, name, url):
             "properties": {**tiny(family), "models": [{"name": name, "url": url, "directory": "checkpoints"}]}}
 
 
+def sd15_checkpoint():
+    return checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
+                      "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+
+
 def flux_loaders(g):
     g["unet"] = {"type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
                  "properties": tiny("flux", 0)}
@@ -49,15 +54,19 @@ def flux_loaders(g):
     return ("unet", 0), ("clip", 0), ("vae", 0)
 
 
-def omni_id_block(g, family, model, faces=("faces", 0), key="", weight=1.0, mask=None, omni_file=None):
-    omni_file = omni_file or f"omni_id_{family}.safetensors"
+def omni_loaders(g, family, omni_file=None):
+    """CLIP vision (ViT-H) and Omni-ID loaders, added once per graph."""
     if "cv" not in g:
         g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
                    "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
                                   "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
     if "omni" not in g:
-        g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file},
+        g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file or f"omni_id_{family}.safetensors"},
                      "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": family}}}
+
+
+def omni_id_block(g, family, model, faces=("faces", 0), key="", weight=1.0, mask=None, omni_file=None):
+    omni_loaders(g, family, omni_file)
     g["enc" + key] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
                                                               "faces": faces, "crop": "center"}}
     inputs = {"model": model, "omni_id_model": ("omni", 0), "identity": ("enc" + key, 0), "weight": weight,
@@ -136,8 +145,7 @@ def wf_sd15_omni_id_controlnet():
     g = {"note": note("SD1.5 + Omni-ID + ControlNet.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints; "
                       "control_v11p_sd15_openpose.safetensors in models/controlnet; the control image is a face "
                       "keypoint image of the face in 'pose.png' (face tools), so the identity from 'face.png' takes that pose.\n" + OMNI_NOTE.format(clip=CLIP_H))}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     applied = omni_id_block(g, "sd15", ("ckpt", 0), detect_align(g, "align", load_faces(g)))
     detect_align(g, "pose_faces", load_faces(g, "pose_photo", "pose.png"))
     g["landmark_image"] = {"type": "IDP_FaceLandmarkImage", "inputs": {"faces": ("pose_faces", 1),
@@ -160,8 +168,7 @@ def wf_sd15_omni_id_controlnet():
 def wf_two_identities_regions():
     g = {"note": note("Two identities in two regions (SD1.5). Each 'Apply Omni-ID' gets its own mask (left/right half); "
                       "chain them. Put one face set per person.\n" + OMNI_NOTE.format(clip=CLIP_H))}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     fa = load_faces(g, "faces_a", "face.png")
     fb = load_faces(g, "faces_b", "face_b.png")
     g["mask_full"] = {"type": "SolidMask", "inputs": {"value": 0.0, "width": 512, "height": 512}}
@@ -180,14 +187,10 @@ def wf_two_identities_regions():
 def wf_identity_mixing():
     g = {"note": note("Identity mixing (SD1.5): 'Mix Identities' interpolates two encoded identities (weight_b = share of "
                       "B) or stacks their tokens.\n" + OMNI_NOTE.format(clip=CLIP_H))}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     fa = load_faces(g, "faces_a", "face.png")
     fb = load_faces(g, "faces_b", "face_b.png")
-    g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
-               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}}}}
-    g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sd15.safetensors"},
-                 "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sd15"}}}
+    omni_loaders(g, "sd15")
     for k, f in (("a", fa), ("b", fb)):
         g["enc_" + k] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
                                                                  "faces": f, "crop": "center"}}
@@ -207,8 +210,7 @@ def wf_face_metrics():
     g = {"note": note("Scoring generated images with the papers' metrics: ArcFace ID similarity (needs an insightface "
                       "pack, antelopev2 or buffalo_l, in models/insightface/models/<name>), pose, CLIP-I/CLIP-T when a "
                       "CLIP model is connected. Results: JSON text and a bar chart.")}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person"}}
     g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
     sample_and_save(g, ("ckpt", 0), ("pos", 0), ("neg", 0), ("ckpt", 2), "sd15", size=512, prefix="scored")
@@ -233,11 +235,7 @@ def wf_sdxl_infinite_id():
     g["ckpt"] = checkpoint("sdxl", "sd_xl_base_1.0.safetensors",
                            "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0")
     faces = load_faces(g)
-    g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_H},
-               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
-                              "models": [{"name": CLIP_H, "url": CLIP_H_URL, "directory": "clip_vision"}]}}
-    g["omni"] = {"type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": "omni_id_sdxl.safetensors"},
-                 "properties": {"idportrait_stand_in_file": {"folder": "omni_id", "family": "sdxl"}}}
+    omni_loaders(g, "sdxl")
     g["enc"] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("omni", 0), "clip_vision": ("cv", 0),
                                                        "faces": faces, "crop": "center"}}
     g["infinite"] = {"type": "IDP_InfiniteIDApply", "inputs": {"model": ("ckpt", 0), "omni_id_model": ("omni", 0),
@@ -255,8 +253,7 @@ def wf_sd15_rb_guidance():
                       "RB-Guidance then follows the gradient of a DIFT feature-matching energy between the generated "
                       "face (inside the drawn region box) and the reference face, for t <= u*T. No trained weights "
                       "needed for the guidance itself.\n" + OMNI_NOTE.format(clip=CLIP_H))}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     applied = omni_id_block(g, "sd15", ("ckpt", 0), detect_align(g, "align", load_faces(g)))
     g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a woman in a garden"}}
     g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
@@ -281,8 +278,7 @@ def wf_flashface_sd15():
                       "with `python -m guidance.flashface_checkpoint`, see README); the SD1.5 checkpoint for its text "
                       "encoder and VAE. Draw the face box on the sampler node (drag in the box editor). Released "
                       "defaults: lambda_feat 1.2, lambda_ref 3.2, CFG 7.5, launch 750, 4 references.")}
-    g["ckpt"] = checkpoint("sd15", "v1-5-pruned-emaonly.safetensors",
-                           "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive")
+    g["ckpt"] = sd15_checkpoint()
     g["ff"] = {"type": "IDP_FlashFaceLoader", "inputs": {"flashface_file": "flashface.ckpt", "weight_dtype": "default"},
                "properties": {"idportrait_stand_in_file": {"folder": "flashface"},
                               "models": [{"name": "flashface.ckpt", "directory": "flashface",
