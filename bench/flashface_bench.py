@@ -4,8 +4,9 @@
 
 Default: tiny random-weight models on the CPU (the FlashFace layout at widths /10; the SD1.5 stand-in for the
 training-free mode). --full: full-size random-weight SD1.5 FlashFace (main + reference UNet, 1.65 B parameters,
-fp16) at 512x512 on a GPU; the issue's target is ≤ 1.6x plain two-way CFG per step with 4 references in the
-three-way phase.
+fp16 on a GPU, fp32 on the CPU) at 512x512; the issue's target is ≤ 1.6x plain two-way CFG per step with 4
+references in the three-way phase. A first process times the unavoidable pieces alone (main UNet on 2 and 3 rows,
+reference UNet on 4 faces): their ratio is the floor of any faithful implementation ("floor" in the JSON).
 
 Each configuration runs in its own process so that its peak memory is its own: peak RSS on the CPU,
 torch.cuda.max_memory_allocated on a GPU. Time per step is the wall time between sampler callbacks after one
@@ -30,10 +31,47 @@ CONFIGS = {
     "flashface_1ref_three_way": ("flashface", 1, 1000.0),
     "flashface_4ref_three_way": ("flashface", 4, 1000.0),
     "flashface_4ref_two_way_phase": ("flashface", 4, -1.0),
+    "flashface_1face_padded_to_4_three_way": ("flashface", -4, 1000.0),   # the released padding, encoded once
     "training_free_sd15_plain_cfg": ("training_free", 0, None),
     "training_free_sd15_1ref_three_way": ("training_free", 1, 1000.0),
     "training_free_sd15_4ref_three_way": ("training_free", 4, 1000.0),
 }
+
+
+def _components(model, refs_latents, ctx_dim, size, steps, dev):
+    """Seconds per call of the pieces one three-way step cannot avoid: the main UNet on 2 rows (plain
+    CFG) and on 3 rows, and the reference UNet on the 4 faces. Their ratio is the floor of any faithful
+    implementation (it leaves out the reference-attention modules themselves)."""
+    import torch
+    import comfy.model_management as mm
+    from idportrait.guidance import flashface as FF
+    mm.load_models_gpu([model])
+    main = model.model.diffusion_model
+    ref = model.get_additional_models_with_key(FF.REF_UNET_KEY)[0].model.diffusion_model
+    dtype = next(main.parameters()).dtype
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, size // 8, size // 8, generator=g).to(dev, dtype)
+    ctx = torch.randn(4, 77, ctx_dim, generator=g).to(dev, dtype)
+    r = refs_latents.to(dev, dtype)
+
+    def timed(fn):
+        best = []
+        for _ in range(steps + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            best.append(time.perf_counter() - t0)
+        return min(best[1:])
+    t = torch.full((4,), 500.0, device=dev)
+    out = {"main_unet_2_rows_s": timed(lambda: main(x[:2], t[:2], context=ctx[:2], transformer_options={})),
+           "main_unet_3_rows_s": timed(lambda: main(x, t[:3], context=ctx[:3], transformer_options={})),
+           "reference_unet_4_faces_s": timed(lambda: ref(r, t, context=ctx, transformer_options={}))}
+    out["floor_ratio"] = (out["main_unet_3_rows_s"] + out["reference_unet_4_faces_s"]) / out["main_unet_2_rows_s"]
+    return out
 
 
 def _one(name, full, steps, size, threads):
@@ -48,23 +86,30 @@ def _one(name, full, steps, size, threads):
     from idportrait.guidance import flashface_checkpoint as ffc
     from idportrait.nodes import tiny_models as tm
 
-    layout, n_refs, launch = CONFIGS[name]
+    layout, n_refs, launch = CONFIGS[name] if name != "components" else ("flashface", 0, None)
     dev = mm.get_torch_device()
     g = torch.Generator().manual_seed(0)
     ctx_dim = 768 if full else tm.TEXT_WIDTH
     if layout == "flashface":
         geometry = ffc.SD15 if full else ffc.Geometry(32, ctx_dim)
-        dtype = torch.float16 if full else torch.float32
+        # fp16 on a GPU; fp32 on the CPU, where fp16 would only add per-layer casts
+        dtype = torch.float16 if (full and dev.type == "cuda") else torch.float32
         shapes = ffc.expected_shapes(geometry)
         weights = ffc.FlashFaceWeights(*({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes[part].items()}
                                          for part in ("main", "ref", "ref_attention")))
-        model = FF.build_models(weights, "fp16" if full else "fp32")
+        model = FF.build_models(weights, "fp16" if dtype == torch.float16 else "fp32")
     else:
         if full:
             raise SystemExit("the training-free configurations run on the tiny stand-in only")
         model = tm.tiny_model("sd15", 0)
+    if name == "components":
+        print("RESULT " + json.dumps({"config": name, "layout": layout, "device": str(dev),
+                                      **_components(model, torch.randn(4, 4, 28, 28, generator=g), ctx_dim, size,
+                                                    steps, dev)}))
+        return
     if n_refs:
-        refs = FF.FlashFaceReferences.single(torch.randn(n_refs, 4, 28, 28, generator=g))   # 224 px faces
+        refs = (FF.FlashFaceReferences.single(torch.randn(n_refs, 4, 28, 28, generator=g)) if n_refs > 0 else
+                FF.FlashFaceReferences.single(torch.randn(1, 4, 28, 28, generator=g)).padded(-n_refs))   # 224 px
         guidance = FF.Guidance(launch=launch)
         model = (FF.apply_flashface(model, refs, guidance) if layout == "flashface"
                  else FF.apply_training_free(model, refs, guidance))
@@ -84,7 +129,8 @@ def _one(name, full, steps, size, threads):
     comfy.sample.sample(model, noise, steps + 1, 7.5, "euler", "simple", cond, neg, lat, callback=cb, disable_pbar=True)
     total = time.perf_counter() - t0
     diffs = [b - a for a, b in zip(times, times[1:])]
-    out = {"config": name, "layout": layout, "references": n_refs, "launch": launch, "steps_timed": len(diffs),
+    out = {"config": name, "layout": layout, "references": abs(n_refs), "distinct_faces": 1 if n_refs < 0 else n_refs,
+           "launch": launch, "steps_timed": len(diffs),
            "s_per_step_median": statistics.median(diffs), "s_per_step_min": min(diffs), "s_per_step_all": diffs,
            "total_s": total,
            "device": str(dev)}
@@ -105,6 +151,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     steps = args.steps or (10 if args.full else 6)
@@ -113,17 +160,24 @@ def main():
         _one(args.one, args.full, steps, size, args.threads)
         return
     names = [n for n in CONFIGS if not (args.full and n.startswith("training_free"))]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+
+    def spawn(name):
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--size", str(size),
+               "--threads", str(args.threads)] + (["--full"] if args.full else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{name} failed")
+        return json.loads(line[len("RESULT "):])
+    components = spawn("components")
+    print("components " + json.dumps(components), flush=True)
     runs = {n: [] for n in names}
     for rnd in range(args.rounds):
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--size", str(size),
-                   "--threads", str(args.threads)] + (["--full"] if args.full else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"{name} failed")
-            runs[name].append(json.loads(line[len("RESULT "):]))
+            runs[name].append(spawn(name))
             r = runs[name][-1]
             print(f"round {rnd + 1} {name:38s} min {r['s_per_step_min'] * 1000:8.1f} ms/step  median "
                   f"{r['s_per_step_median'] * 1000:8.1f}  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
@@ -145,16 +199,25 @@ def main():
     report = {"size_px": size, "steps_timed": steps, "full": args.full, "device": device,
               "reference_px": 224, "sampler": "euler/simple, cfg 7.5",
               "note": ("tiny random-weight models on a shared CPU: absolute times are noisy; compare the ratios"
-                       if not args.full else "full-size random-weight SD1.5 FlashFace, fp16"),
+                       if not args.full else f"full-size random-weight SD1.5 FlashFace, "
+                       f"{'fp16' if 'cuda' in device else 'fp32'}"),
               "threads": args.threads, "rounds": args.rounds,
               "ratio_to_plain_two_way_cfg": ratios, "ratio_of_medians": ratios_median,
-              "target_4ref_three_way_ratio": 1.6, "results": results}
-    out = args.out or os.path.join(HERE, "results", f"flashface_{'cuda' if 'cuda' in device else 'cpu'}.json")
+              "target_4ref_three_way_ratio": 1.6,
+              "floor": {**components, "explains": (
+                  "a three-way step runs the main UNet on 3 rows (cond with references, cond, uncond) and the "
+                  "reference UNet on the 4 faces; floor_ratio = (3 rows + reference pass) / 2 rows, before any "
+                  "reference attention")},
+              "results": results}
+    out = args.out or os.path.join(HERE, "results", f"flashface_{'cuda' if 'cuda' in device else 'cpu'}"
+                                                     f"{f'_full_sd15_{size}' if args.full else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     for n, r in ratios.items():
         print(f"{n:38s} {r:5.2f}x plain")
+    print(f"floor of the released algorithm (3 rows + reference pass, no reference attention): "
+          f"{components['floor_ratio']:.2f}x")
     print(f"wrote {out}")
 
 

@@ -415,6 +415,7 @@ class ReferenceAttention(Injector):
         self.references, self.guidance, self.latent_format = references, guidance, latent_format
         self.max_ref_batch = max_ref_batch
         self.reference_passes = 0        # how many times reference features were computed (tests, logs)
+        self.reference_faces_encoded = 0   # distinct faces run through the reference net, over all passes
         self._ms = None
         self._t_of_sigma: dict = {}
         self._step: Optional[dict] = None
@@ -511,9 +512,13 @@ class ReferenceAttention(Injector):
         for group in groups:
             batch = torch.cat(group)
             counts = [g.shape[0] for g in group]
-            feats = self._chunked(batch, t, conds, transformer_options, dtype)
+            # Faces repeated to pad a set (the released code always uses 4) or shared between sets are
+            # encoded once: the reference pass is per face, so its features are simply repeated.
+            unique, inverse = _unique_faces(batch)
+            feats = self._chunked(unique, t, conds, transformer_options, dtype)
+            self.reference_faces_encoded += unique.shape[0]
             for key, val in feats.items():
-                per_set.setdefault(key, []).extend(_split_refs(val, counts))
+                per_set.setdefault(key, []).extend(_split_refs(_take_refs(val, inverse), counts))
         return per_set
 
     def _chunked(self, latents, t, conds, transformer_options, dtype) -> dict:
@@ -542,6 +547,30 @@ class ReferenceAttention(Injector):
     def _run_reference_model(self, latents, t, conds, transformer_options, dtype) -> dict:
         """Reference features {block key: tensor (N, L, C) or FLUX (k, v)} for N reference latents."""
         raise NotImplementedError
+
+
+def _unique_faces(batch: torch.Tensor):
+    """(N, C, h, w) latents → (distinct latents in first-seen order, index of each input among them);
+    the index is None when every face is distinct."""
+    flat = batch.flatten(1)
+    first, inverse = [], []
+    for i in range(batch.shape[0]):
+        j = next((u for u, f in enumerate(first) if torch.equal(flat[f], flat[i])), None)
+        if j is None:
+            j = len(first)
+            first.append(i)
+        inverse.append(j)
+    if len(first) == batch.shape[0]:
+        return batch, None
+    return batch[first], torch.tensor(inverse)
+
+
+def _take_refs(val, inverse):
+    if inverse is None:
+        return val
+    if isinstance(val, tuple):   # FLUX (k, v)
+        return val[0][inverse.to(val[0].device)], val[1][inverse.to(val[1].device)]
+    return val[inverse.to(val.device)]
 
 
 def _split_refs(val, counts):

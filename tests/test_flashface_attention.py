@@ -282,6 +282,33 @@ def test_reference_pass_runs_once_per_step_whatever_the_batch(ff_model):
         h1.remove(), h2.remove()
 
 
+def test_repeated_faces_are_encoded_once_and_give_the_same_image(ff_model, monkeypatch):
+    """Padding one face to the released 4 (or sharing a face between identity sets) runs the reference
+    net on the distinct faces only; the features are repeated, so the image is that of 4 real passes."""
+    one = refs(7, n=1)
+    two = refs(8, n=2)
+    mixed = FF.FlashFaceReferences((FF.ReferenceSet(one.padded(4).sets[0].latents, 0.5),
+                                    FF.ReferenceSet(torch.cat([two.sets[0].latents, one.sets[0].latents]), 0.5)))
+    g = FF.Guidance(launch=1000)
+    sizes = []
+    h = ref_unet(ff_model).register_forward_pre_hook(lambda mod, a: sizes.append(a[0].shape[0]))
+    try:
+        for r, distinct in ((one.padded(4), 1), (mixed, 3)):
+            sizes.clear()
+            m = FF.apply_flashface(ff_model, r, g)
+            got = run(m, steps=2)
+            assert sizes == [distinct, distinct] and FF.injector_of(m).reference_faces_encoded == 2 * distinct
+            with monkeypatch.context() as mp:   # every face through the reference net, as the released code does
+                mp.setattr(FF, "_unique_faces", lambda batch: (batch, None))
+                sizes.clear()
+                want = run(FF.apply_flashface(ff_model, r, g), steps=2)
+                assert sizes == [sum(s.latents.shape[0] for s in r.sets)] * 2
+            assert not torch.equal(want, run(FF.apply_flashface(ff_model, refs(9, n=4), g), steps=2))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    finally:
+        h.remove()
+
+
 def test_reference_pass_outside_a_sampler_uses_the_calls_own_context(ff_model):
     """A direct model call (no sampler run to read the negative prompt from) takes the uncond row's context."""
     import comfy.model_management as mm
