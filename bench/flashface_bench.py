@@ -45,9 +45,10 @@ def _components(model, refs_latents, ctx_dim, size, steps, dev):
     import torch
     import comfy.model_management as mm
     from idportrait.guidance import flashface as FF
-    mm.load_models_gpu([model])
+    ref_patcher = model.get_additional_models_with_key(FF.REF_UNET_KEY)[0]
+    mm.load_models_gpu([model, ref_patcher])   # a sampler loads the attached reference UNet itself; here we must
     main = model.model.diffusion_model
-    ref = model.get_additional_models_with_key(FF.REF_UNET_KEY)[0].model.diffusion_model
+    ref = ref_patcher.model.diffusion_model
     dtype = next(main.parameters()).dtype
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, size // 8, size // 8, generator=g).to(dev, dtype)
