@@ -185,7 +185,8 @@ def crop_and_level(image: torch.Tensor, bbox, left_eye, right_eye) -> torch.Tens
     ch, cw = crop.shape[:2]
     cos, sin = math.cos(angle), math.sin(angle)
     # output pixel (u, v) samples the input at R(angle)·(u, v) about the centre (pixel units → [-1, 1])
-    theta = torch.tensor([[cos, -sin * ch / cw, 0.0], [sin * cw / ch, cos, 0.0]], dtype=torch.float32)
+    theta = torch.tensor([[cos, -sin * ch / cw, 0.0], [sin * cw / ch, cos, 0.0]], dtype=torch.float32,
+                         device=crop.device)
     grid = F.affine_grid(theta[None], (1, 3, ch, cw), align_corners=False)
     out = F.grid_sample(crop.movedim(-1, 0)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0].movedim(0, -1).clamp(0, 1)

@@ -125,6 +125,7 @@ def combine_identities(a: torch.Tensor, b: Optional[torch.Tensor] = None, mode: 
     """The identity stream's tokens: one identity, two interpolated (weight_b = share of b), or stacked."""
     if b is None:
         return a
+    b = b.to(a.device, a.dtype)
     if mode == "stack":
         return mixing.stack_identities([a, b])
     if mode != "interpolate":

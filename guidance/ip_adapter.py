@@ -18,6 +18,7 @@ Keys and values of ℓ are computed once per injector (so once per sampling run)
 """
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Optional
@@ -42,6 +43,14 @@ def ip_adapter_order(block_keys) -> list:
     """Cross-attention layers in diffusers' processor order (down, up, mid) = IP-Adapter's numbering."""
     rank = {"input": 0, "output": 1, "middle": 2}
     return sorted(block_keys, key=lambda k: (rank[k[0]], k[1], k[2]))
+
+
+def _on(module: torch.nn.Module, like: torch.Tensor) -> torch.nn.Module:
+    """``module`` itself if it already lives on ``like``'s device and dtype, else a moved copy."""
+    p = next(module.parameters(), None)
+    if p is None or (p.device == like.device and p.dtype == like.dtype):
+        return module
+    return copy.deepcopy(module).to(device=like.device, dtype=like.dtype)
 
 
 class SDIdentityAdapter(nn.Module):
@@ -129,13 +138,17 @@ class IdentityInjector(Injector):
         return self
 
     # -- keys/values of ℓ, once per (site, device, dtype); public: Infinite-ID and RB-Guidance reuse them
+    # The adapter is shared (the loader caches it) and owned by no ModelPatcher: it is never moved or cast in
+    # place; each layer runs from a temporary copy on the compute device, in the model's dtype.
     def sd_kv(self, key, like: torch.Tensor):
         ck = (key, like.device, like.dtype)
         if ck not in self._kv:
             with torch.no_grad():
-                a = self.adapter.to(device=like.device, dtype=like.dtype)
-                c_ip = a.image_proj(self.tokens.to(like.device, like.dtype))
-                layer = a.attn2[sd_key_name(key)]
+                pk = ("image_proj", like.device, like.dtype)
+                if pk not in self._kv:
+                    self._kv[pk] = _on(self.adapter.image_proj, like)(self.tokens.to(like.device, like.dtype))
+                c_ip = self._kv[pk]
+                layer = _on(self.adapter.attn2[sd_key_name(key)], like)
                 self._kv[ck] = (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip))
         return self._kv[ck]
 
@@ -143,8 +156,7 @@ class IdentityInjector(Injector):
         ck = (name, like.device, like.dtype)
         if ck not in self._kv:
             with torch.no_grad():
-                a = self.adapter.to(device=like.device, dtype=like.dtype)
-                blk = a.blocks[name]
+                blk = _on(self.adapter.blocks[name], like)
                 tok = self.tokens.to(like.device, like.dtype)
                 self._kv[ck] = (blk.to_k_ip(tok), blk.to_v_ip(tok))
         return self._kv[ck]

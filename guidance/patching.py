@@ -47,6 +47,7 @@ LAYER_KEY = "idportrait_layer"          # transformer_options key holding the cu
 WRAPPER_KEY = "idportrait"              # wrapper key on the ModelPatcher
 SHAPE_KEY = "idportrait_latent_shape"   # transformer_options key set for each model call
 MODEL_KEY = "idportrait_diffusion_model"
+SIGMA_KEY = "idportrait_sigma"          # transformer_options: this call's sigma as a float (one device sync per call)
 STREAMS_KEY = "idportrait_streams"     # transformer_options key: per-chunk row layout of named streams
 ROLES_KEY = "idportrait_cond_roles"     # transformer_options: {chunk label: COND|UNCOND} for labels >= 2
 INPUT_KEY = "idportrait_{}_input"       # extra_options: the input of attn1/attn2 (after norm1/norm2)
@@ -310,6 +311,9 @@ class Injector:
 
 
 def _sigma_of(to: dict) -> float:
+    cached = to.get(SIGMA_KEY)
+    if cached is not None and cached[0] is to.get("sigmas"):
+        return cached[1]
     s = to.get("sigmas")
     return float(s.flatten()[0]) if s is not None else math.inf
 
@@ -492,6 +496,8 @@ class _ModelCallWrapper:
         # per-call entries cannot leak into the model's stored options.
         to[SHAPE_KEY] = tuple(x.shape)
         to[MODEL_KEY] = executor.class_obj
+        to.pop(SIGMA_KEY, None)
+        to[SIGMA_KEY] = (to.get("sigmas"), _sigma_of(to))   # every hook reads it: one GPU→CPU sync, not one per block
         for inj in self.layer.injectors:
             inj.on_model_call(to, x, timestep, call_args=args, call_kwargs=kwargs)
         return executor(*args, **kwargs)

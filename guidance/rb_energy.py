@@ -135,8 +135,9 @@ def propagate_by_self_attention(refined: torch.Tensor, qk: Sequence[tuple[torch.
         # float32: the map is thresholded at beta, and half-precision softmax sums drift by ~1e-3.
         qf, kf = q.float(), k.float()
         v = refined.reshape(refined.shape[0], 1, h * w, 1).to(qf).expand(q.shape[0], q.shape[1], h * w, 1)
-        out = F.scaled_dot_product_attention(qf, kf, v, scale=scale)   # (B, heads, N, 1)
-        out = out.mean(dim=1)[..., 0]
+        # value width 8, not 1: CUDA's memory-efficient kernel needs it, else SDPA forms the N x N map
+        out = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, 7)), scale=scale)   # (B, heads, N, 8)
+        out = out[..., 0].mean(dim=1)
         acc = out if acc is None else acc + out
     return (acc / len(qk)).reshape(-1, h, w)
 

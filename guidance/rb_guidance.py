@@ -350,12 +350,13 @@ class RBInjector(Injector):
             return out
         b, n = cap.batch, ctx.n_heads
         with torch.no_grad():
-            q = _heads(ctx.q[:b].detach(), n)
-            logits = q @ _heads(ctx.k[:b].detach(), n).transpose(-1, -2) * q.shape[-1] ** -0.5
+            # float32 logits: fp16 q·kᵀ can overflow, bf16 rounds before the beta threshold
+            q = _heads(ctx.q[:b].detach(), n).float()
+            logits = q @ _heads(ctx.k[:b].detach(), n).float().transpose(-1, -2) * q.shape[-1] ** -0.5
 
             def ip_logits(inj):
                 k_ip, _ = inj.sd_kv(ctx.key, ctx.q)
-                return q @ _heads(_batch_rows(k_ip.detach(), b), n).transpose(-1, -2) * q.shape[-1] ** -0.5
+                return q @ _heads(_batch_rows(k_ip.detach(), b), n).float().transpose(-1, -2) * q.shape[-1] ** -0.5
             _record_cross(cap.record, logits, ip_logits, ctx, _identity_adapters(ctx.transformer_options))
         return out
 
@@ -420,7 +421,7 @@ def _record_flux(cap: _Capture, ctx, args, q, k) -> None:
         q_img, k_img = q[:b, :, t:].detach(), k[:b, :, t:].detach()
         cap.record.qk.append((q_img, k_img))
         scale = q.shape[-1] ** -0.5
-        logits = q_img @ k[:b, :, :t].detach().transpose(-1, -2) * scale
+        logits = q_img.float() @ k[:b, :, :t].detach().float().transpose(-1, -2) * scale   # float32, as above
         heads = q.shape[1]
 
         def ip_logits(inj):
@@ -429,7 +430,7 @@ def _record_flux(cap: _Capture, ctx, args, q, k) -> None:
             k_ip, _ = inj.flux_kv(f"double_{ctx.key[1]}", q_pre)
             k_ip = _batch_rows(k_ip.detach(), b)
             k_ip = k_ip.view(b, k_ip.shape[1], heads, -1).transpose(1, 2)
-            return q_pre @ k_ip.transpose(-1, -2) * scale
+            return q_pre.float() @ k_ip.float().transpose(-1, -2) * scale
         _record_cross(cap.record, logits, ip_logits, ctx, _identity_adapters(ctx.transformer_options))
 
 

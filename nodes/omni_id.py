@@ -13,7 +13,6 @@ import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
@@ -120,6 +119,25 @@ def _adapter_for(m: OmniIDModel, model) -> torch.nn.Module:
     return adapter
 
 
+def run_encoder(encoder: torch.nn.Module, **inputs) -> torch.Tensor:
+    """Runs the (small, plain torch) identity encoder on the compute device and puts it back.
+
+    Moved as a whole: a ModelPatcher's partial (low-VRAM) load would leave its plain layers and the learned
+    queries on the CPU. With --novram it stays on the offload device.
+    """
+    dev = mm.get_torch_device() if mm.vram_state != mm.VRAMState.NO_VRAM else mm.unet_offload_device()
+    if dev.type != "cpu":
+        mm.free_memory(2 * sum(p.numel() * p.element_size() for p in encoder.parameters()), dev)
+    first = next(encoder.parameters(), None)   # the plain CLIP baseline has none
+    home = first.device if first is not None else torch.device("cpu")
+    try:
+        encoder.to(dev)
+        with torch.no_grad():
+            return encoder(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()})
+    finally:
+        encoder.to(home)
+
+
 def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) -> Identity:
     """IMAGE (N, H, W, 3) of one person's aligned faces → one identity (1, L, C)."""
     if images is None or images.shape[0] == 0:
@@ -136,11 +154,7 @@ def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) 
     if cfg is not None and clip_tokens.shape[-1] != cfg.clip_dim:
         raise ValueError(f"the CLIP vision model gives tokens of width {clip_tokens.shape[-1]} but these Omni-ID weights "
                          f"expect {cfg.clip_dim} (CLIP-H/14 is 1280): load the matching CLIP vision model")
-    patcher = comfy.model_patcher.ModelPatcher(m.encoder, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    mm.load_models_gpu([patcher])
-    with torch.no_grad():
-        tokens = m.encoder(clip_tokens=clip_tokens.to(mm.get_torch_device()))
+    tokens = run_encoder(m.encoder, clip_tokens=clip_tokens)
     pbar.update(1)
     return Identity(tokens.to(mm.intermediate_device()).float(), [int(images.shape[0])], m.encoder_type)
 
@@ -234,9 +248,8 @@ class OmniIDEncodeArcFace(io.ComfyNode):
                 raise ValueError("arcface_clip weights also need CLIP vision and the face crops: connect both")
             clip_tokens = torch.cat([clip_vision.encode_image(faces[i:i + 1], crop=True)["penultimate_hidden_states"]
                                      for i in range(faces.shape[0])])[None].float()
-        with torch.no_grad():
-            tokens = m.encoder(clip_tokens=clip_tokens, arcface=emb[None].float())
-        ident = Identity(tokens.float(), [int(emb.shape[0])], m.encoder_type)
+        tokens = run_encoder(m.encoder, clip_tokens=clip_tokens, arcface=emb[None].float())
+        ident = Identity(tokens.to(mm.intermediate_device()).float(), [int(emb.shape[0])], m.encoder_type)
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
@@ -298,10 +311,12 @@ class IdentityMix(io.ComfyNode):
 
     @classmethod
     def execute(cls, identity_a, identity_b, mode, weight_b):
+        a = identity_a.tokens
+        b = identity_b.tokens.to(a.device, a.dtype)   # loaded (CPU) and encoded (intermediate device) identities
         if mode == "stack":
-            tokens = mixing.stack_identities([identity_a.tokens, identity_b.tokens])
+            tokens = mixing.stack_identities([a, b])
         else:
-            tokens = mixing.mix_identities([identity_a.tokens, identity_b.tokens], [1.0 - weight_b, weight_b])
+            tokens = mixing.mix_identities([a, b], [1.0 - weight_b, weight_b])
         ident = Identity(tokens, identity_a.num_source_images + identity_b.num_source_images, identity_a.encoder_type)
         return io.NodeOutput(ident, ui=identity_ui(ident))
 

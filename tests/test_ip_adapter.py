@@ -52,7 +52,26 @@ def test_kv_of_identity_computed_once_per_run(family):
     sample(P.apply_injector(m, inj), family, steps=4)
     dm = m.model.diffusion_model
     sites = len(dm.double_blocks) + len(dm.single_blocks) if family == "flux" else len(P.unet_block_keys(dm))
-    assert len(inj._kv) == sites   # one entry per site, not per step
+    assert len([k for k in inj._kv if k[0] != "image_proj"]) == sites   # one entry per site, not per step
+    assert len([k for k in inj._kv if k[0] == "image_proj"]) == (0 if family == "flux" else 1)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_kv_in_another_dtype_leaves_the_shared_adapter_untouched(family):
+    """The loader caches one adapter for every run: keys/values for a bf16 model come from a cast copy."""
+    m = tm.tiny_model(family, 0)
+    adapter = _adapter(m, family)
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    inj = IP.IdentityInjector(adapter, _tokens(), family)
+    dm = m.model.diffusion_model
+    key = ("double", 0) if family == "flux" else P.unet_block_keys(dm)[0]
+    kv = (lambda like: inj.flux_kv("double_0", like)) if family == "flux" else (lambda like: inj.sd_kv(key, like))
+    k32, v32 = kv(torch.zeros(1, dtype=torch.float32))
+    k16, v16 = kv(torch.zeros(1, dtype=torch.bfloat16))
+    assert k16.dtype == v16.dtype == torch.bfloat16 and k32.dtype == torch.float32
+    torch.testing.assert_close(k16.float(), k32, rtol=0.05, atol=0.05 * k32.abs().max().item())
+    after = adapter.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_flux_query_recomputation_matches_the_blocks_own_query():
