@@ -253,7 +253,8 @@ class CallContext:
         if not batch:
             shape = self.q.shape if self.q is not None else self.transformer_options.get(SHAPE_KEY, (0,))
             batch = shape[0]
-        return stream_rows(self.transformer_options, batch, name, apply_to)
+        device = next((t.device for t in (self.q, self.x, self.base) if t is not None), None)
+        return stream_rows(self.transformer_options, batch, name, apply_to, device=device)
 
     def mix(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """new on this injector's rows, old elsewhere (exactly)."""
