@@ -309,6 +309,22 @@ def test_repeated_faces_are_encoded_once_and_give_the_same_image(ff_model, monke
         h.remove()
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_training_free_repeated_faces_are_encoded_once(family, monkeypatch):
+    """Same in the training-free mode, where FLUX records (k, v) pairs per face."""
+    m = tm.tiny_model(family, 0)
+    r = refs(4, n=1, channels=tm.latent_channels(family)).padded(3)
+    g = FF.Guidance(lambda_feat=0.9, lambda_ref=2.0, launch=1000, lambda_before=0.85, rescale=0.0)
+    patched = FF.apply_training_free(m, r, g, blocks="all")
+    got = run(patched, steps=2, cfg=4.0, family=family)
+    assert FF.injector_of(patched).reference_faces_encoded == 2   # one face, two steps
+    monkeypatch.setattr(FF, "_unique_faces", lambda batch: (batch, None))
+    every = FF.apply_training_free(m, r, g, blocks="all")
+    want = run(every, steps=2, cfg=4.0, family=family)
+    assert FF.injector_of(every).reference_faces_encoded == 6
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_reference_pass_outside_a_sampler_uses_the_calls_own_context(ff_model):
     """A direct model call (no sampler run to read the negative prompt from) takes the uncond row's context."""
     import comfy.model_management as mm
