@@ -148,7 +148,7 @@ def full_runs(steps, root, out):
                             engine={"mixed_precision": "bf16", "gradient_checkpointing": True})
 
         def stage_fn():
-            fcfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+            fcfg = tm.flux_config({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
                             "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
                             "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
                             "theta": 10000, "qkv_bias": True, "guidance_embed": True})

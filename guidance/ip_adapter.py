@@ -213,11 +213,23 @@ def _linear_rows(linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
 
 
 def _modulated(norm, x, mod):
-    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)
+    shift, scale = mod.shift, mod.scale
+    if shift.ndim == 3 and shift.shape[1] > 1:   # current ComfyUI, timestep-zero references: (B, 2, C), real first
+        shift, scale = shift[:, :1], scale[:, :1]
+    return torch.addcmul(shift, norm(x), 1 + scale)
+
+
+def _real_timestep(vec, batch: int):
+    """Current ComfyUI runs Kontext/Flux2 references at timestep zero by doubling ``vec``'s rows
+    ([real; zero]); the generated image's tokens use the real half. 0.3.75 never does this."""
+    if torch.is_tensor(vec) and vec.shape[0] == 2 * batch:
+        return vec[:batch]
+    return vec
 
 
 def flux_double_query(block, img: torch.Tensor, vec) -> torch.Tensor:
     """Image-token query of a DoubleStreamBlock after QK-norm, before RoPE: (B, heads, L, head_dim)."""
+    vec = _real_timestep(vec, img.shape[0])
     img_mod1 = block.img_mod(vec)[0] if block.modulation else vec[0][0]   # Chroma-style: precomputed mods
     x = _modulated(block.img_norm1, img, img_mod1)
     hidden = block.hidden_size
@@ -228,6 +240,7 @@ def flux_double_query(block, img: torch.Tensor, vec) -> torch.Tensor:
 
 def flux_single_query(block, img_tokens: torch.Tensor, vec) -> torch.Tensor:
     """Query of the image tokens in a SingleStreamBlock after QK-norm, before RoPE."""
+    vec = _real_timestep(vec, img_tokens.shape[0])
     mod = block.modulation(vec)[0] if block.modulation is not None else vec
     x = _modulated(block.pre_norm, img_tokens, mod)
     q = _linear_rows(block.linear1, x, slice(0, block.hidden_size))

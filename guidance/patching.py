@@ -47,6 +47,7 @@ LAYER_KEY = "idportrait_layer"          # transformer_options key holding the cu
 WRAPPER_KEY = "idportrait"              # wrapper key on the ModelPatcher
 SHAPE_KEY = "idportrait_latent_shape"   # transformer_options key set for each model call
 MODEL_KEY = "idportrait_diffusion_model"
+TXT_LEN_KEY = "idportrait_txt_len"      # transformer_options: FLUX text tokens of this call (set by double blocks)
 SIGMA_KEY = "idportrait_sigma"          # transformer_options: this call's sigma as a float (one device sync per call)
 STREAMS_KEY = "idportrait_streams"     # transformer_options key: per-chunk row layout of named streams
 ROLES_KEY = "idportrait_cond_roles"     # transformer_options: {chunk label: COND|UNCOND} for labels >= 2
@@ -446,6 +447,22 @@ class _UnetOutputHook(_Hook):
         return out
 
 
+def single_block_txt_len(to: dict, total: int) -> int:
+    """Text tokens at the front of a FLUX single block's ``cat(txt, img)``.
+
+    Current ComfyUI says it (``img_slice``); else the double blocks of this call recorded it; else (no double
+    block hooked) it is derived from the latent size, which counts Kontext reference tokens as text.
+    """
+    sl = to.get("img_slice")
+    if sl is not None:
+        return int(sl[0])
+    if to.get(TXT_LEN_KEY) is not None:
+        return int(to[TXT_LEN_KEY])
+    shape = to.get(SHAPE_KEY)
+    n_img = math.ceil(shape[-2] / 2) * math.ceil(shape[-1] / 2) if shape is not None else 0
+    return total - n_img
+
+
 class _DitHook(_Hook):
     def __call__(self, args, extra, **kwargs):
         if self.prev is not None:
@@ -454,17 +471,15 @@ class _DitHook(_Hook):
         else:
             inner = extra["original_block"]
         to = args.get("transformer_options") or {}
+        if self.kind == "double":
+            # the same dict reaches the single blocks of this call: they see cat(txt, img) and need the split
+            to[TXT_LEN_KEY] = args["txt"].shape[1]
         injectors, sigma = self.layer.active_for(self.kind, self.key, to)
         if not injectors:
             return inner(args)
         cou = to.get("cond_or_uncond") or []
         batch = args["img"].shape[0]
-        if self.kind == "double":
-            txt_len = args["txt"].shape[1]
-        else:
-            shape = to.get(SHAPE_KEY)
-            n_img = math.ceil(shape[-2] / 2) * math.ceil(shape[-1] / 2) if shape is not None else 0
-            txt_len = args["img"].shape[1] - n_img
+        txt_len = args["txt"].shape[1] if self.kind == "double" else single_block_txt_len(to, args["img"].shape[1])
         call = inner
         for inj in injectors:
             ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou, transformer_options=to,
@@ -497,6 +512,7 @@ class _ModelCallWrapper:
         # per-call entries cannot leak into the model's stored options.
         to[SHAPE_KEY] = tuple(x.shape)
         to[MODEL_KEY] = executor.class_obj
+        to.pop(TXT_LEN_KEY, None)
         to.pop(SIGMA_KEY, None)
         to[SIGMA_KEY] = (to.get("sigmas"), _sigma_of(to))   # every hook reads it: one GPU→CPU sync, not one per block
         for inj in self.layer.injectors:

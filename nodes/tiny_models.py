@@ -9,11 +9,13 @@ exactly as on real checkpoints. Outputs are noise-like images: stand-ins prove p
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from comfy_api.latest import io
 
+import comfy.ldm.flux.model
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
@@ -67,7 +69,7 @@ def model_config(family: str, in_channels: int | None = None):
         hidden, heads = 64, 2
         pe = hidden // heads
         a = pe // 4
-        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+        cfg = flux_config({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
                        "vec_in_dim": TEXT_WIDTH, "context_in_dim": TEXT_WIDTH, "hidden_size": hidden,
                        "mlp_ratio": 4.0, "num_heads": heads, "depth": 2, "depth_single_blocks": 2,
                        "axes_dim": [pe - 2 * a, a, a], "theta": 10000, "qkv_bias": True,
@@ -78,6 +80,15 @@ def model_config(family: str, in_channels: int | None = None):
         cfg.unet_config["in_channels"] = in_channels
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
+
+
+def flux_config(config: dict):
+    """ComfyUI's Flux model config; current ComfyUI requires ``txt_ids_dims`` (Flux.1: []), which 0.3.75's
+    FluxParams does not accept."""
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config = {"txt_ids_dims": [], **config}
+    return sm.Flux(config)
 
 
 _FULL_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "use_spatial_transformer": True, "legacy": False,
@@ -91,7 +102,7 @@ FULL_SIZE = {   # the real architectures (SD1.5, SDXL base, FLUX.1-dev), for ben
                              "num_classes": "sequential", "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
                              "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
                              "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048}),
-    "flux": lambda: sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+    "flux": lambda: flux_config({"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
                              "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
                              "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
                              "theta": 10000, "qkv_bias": True, "guidance_embed": True}),

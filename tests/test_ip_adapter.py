@@ -93,6 +93,24 @@ def test_flux_query_recomputation_matches_the_blocks_own_query():
     assert torch.allclose(IP.flux_single_query(sb, img, vec), q_ref, atol=1e-6)
 
 
+def test_flux_queries_use_the_real_timestep_half_of_a_doubled_vec():
+    """Current ComfyUI doubles vec's rows ([real; zero]) for references at timestep zero; the generated
+    image's queries must come from the real half (0.3.75 never doubles: the plain path is unchanged)."""
+    dm = tm.tiny_model("flux", 0).model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    img, vec = torch.randn(2, 16, dm.hidden_size, generator=g), torch.randn(2, dm.hidden_size, generator=g)
+    doubled = torch.cat([vec, torch.randn(2, dm.hidden_size, generator=g)])
+    for fn, blk in ((IP.flux_double_query, dm.double_blocks[0]), (IP.flux_single_query, dm.single_blocks[0])):
+        assert torch.equal(fn(blk, img, doubled), fn(blk, img, vec))
+        assert not torch.allclose(fn(blk, img, doubled[2:]), fn(blk, img, vec))
+
+
+def test_single_block_text_length_prefers_what_comfy_or_the_double_blocks_say():
+    assert P.single_block_txt_len({"img_slice": [7, 50]}, 50) == 7
+    assert P.single_block_txt_len({P.TXT_LEN_KEY: 9, P.SHAPE_KEY: (1, 16, 8, 8)}, 50) == 9
+    assert P.single_block_txt_len({P.SHAPE_KEY: (1, 16, 8, 8)}, 50) == 50 - 16   # 0.3.75 without double hooks
+
+
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_region_mask_confines_the_change_to_the_region(family):
     m = tm.tiny_model(family, 0)

@@ -227,3 +227,27 @@ def test_model_family_and_wrong_model_error():
     assert P.model_family(tm.tiny_model("flux")) == "flux"
     with pytest.raises(ValueError, match="start_percent"):
         PassThrough(start_percent=0.8, end_percent=0.2)
+
+
+def test_flux_single_blocks_split_text_from_image_with_kontext_reference_tokens():
+    """Kontext appends reference-image tokens after the image: single blocks must still find the text
+    length the double blocks saw (the latent size alone would count the references as text)."""
+    seen = []
+
+    class TxtLen(PassThrough):
+        def double_block(self, ctx, args, call, **kw):
+            seen.append((ctx.kind, ctx.txt_len, args["txt"].shape[1] if ctx.kind == "double" else None))
+            return call(args)
+
+        single_block = double_block
+
+    m = P.apply_injector(tm.tiny_model("flux", 0), TxtLen(blocks=[("double", 0), ("single", 1)]))
+    pos, neg = tm.tiny_conditioning("flux", 1), tm.tiny_conditioning("flux", 2)
+    ref = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    pos = [[c, {**d, "reference_latents": [ref]}] for c, d in pos]
+    neg = [[c, {**d, "reference_latents": [ref]}] for c, d in neg]
+    lat = torch.zeros(1, 16, 16, 16)
+    nodes.common_ksampler(m, 0, 1, 4.0, "euler", "normal", pos, neg, {"samples": lat})
+    txt = pos[0][0].shape[1]
+    assert [s[0] for s in seen[:2]] == ["double", "single"]
+    assert all(s[1] == txt for s in seen), seen
