@@ -50,6 +50,9 @@ def bootstrap(argv=None) -> None:
         args.cpu = True
     args.use_pytorch_cross_attention = True
     args.disable_api_nodes = True
+    if hasattr(args, "disable_dynamic_vram"):
+        # current ComfyUI's default on GPUs may cast weights lazily; the trainer moves and reads whole modules
+        args.disable_dynamic_vram = True
     pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     mod = types.ModuleType(PACK_NAME)
     mod.__path__ = [pack]
