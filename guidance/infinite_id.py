@@ -115,7 +115,8 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 def attend_sd(q, k, v, heads: int, transformer_options: dict, bias: Optional[torch.Tensor] = None):
     """Attention on (b, L, heads*d) tensors: ComfyUI's function, or SDPA when logits carry a bias."""
     if bias is None:
-        return optimized_attention(q, k, v, heads, transformer_options=transformer_options)
+        return optimized_attention(q, k, v, heads, attn_precision=transformer_options.get("attn_precision"),
+                                   transformer_options=transformer_options)
     return _merge_heads(F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads),
                                                        attn_mask=bias))
 

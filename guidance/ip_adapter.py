@@ -173,6 +173,7 @@ class IdentityInjector(Injector):
         k_ip, v_ip = self.sd_kv(ctx.key, ctx.q)
         B = ctx.q.shape[0]
         ip = optimized_attention(ctx.q, _rows_batch(k_ip, B), _rows_batch(v_ip, B), ctx.n_heads,
+                                 attn_precision=ctx.transformer_options.get("attn_precision"),
                                  transformer_options=ctx.transformer_options)
         return out + self.weight * self._masked(ctx, ip)
 
