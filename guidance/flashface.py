@@ -935,6 +935,9 @@ def apply_flashface(model, references: FlashFaceReferences, guidance: Guidance, 
         raise FlashFaceError("this MODEL is not FlashFace's (no reference UNet / reference attention): "
                              + FIX_NOT_FLASHFACE)
     _check_references(model, references)
+    if mask is not None and mask.ndim == 3 and mask.shape[0] > 1:
+        raise FlashFaceError(f"the face mask has {mask.shape[0]} masks; FlashFace takes one face position for the "
+                             "whole batch: connect a single mask")
     ref_p = model.get_additional_models_with_key(REF_UNET_KEY)[0]
     inj = FlashFaceInjector(references, guidance, model.model.latent_format, ref_p, max_ref_batch=max_ref_batch)
     m = _install(model, inj)

@@ -193,6 +193,10 @@ class InfiniteIDInjector(Injector):
                  mix_blocks: Optional[Iterable] = None, start_percent: float = 0.0, end_percent: float = 1.0,
                  apply_to: str = "cond", identity_stream_cfg: bool = True, keep_identity_stream: bool = False):
         super().__init__()   # hooks run at every step on every row; the window below is for the coupling
+        ipa.check_tokens_fit(adapter, tokens)
+        if tokens.ndim == 3 and tokens.shape[0] > 1:
+            raise ValueError(f"this identity holds {tokens.shape[0]} identities; Infinite-ID takes one: mix two with "
+                             "identity_2 (interpolate or stack) or 'Mix Identities (IDP)'")
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
         if apply_to not in ("cond", "both"):

@@ -130,6 +130,7 @@ class IdentityInjector(Injector):
         super().__init__(**kw)
         if tokens.ndim == 2:
             tokens = tokens[None]
+        check_tokens_fit(adapter, tokens)
         self.adapter, self.tokens, self.family, self.weight, self.mask = adapter, tokens, family, float(weight), mask
         self.kinds = ("double", "single") if family == "flux" else ("attn2",)
         self._kv: dict = {}
@@ -278,6 +279,23 @@ def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
     except RuntimeError as e:   # load_state_dict's own report of missing/unexpected keys and shapes
         raise ValueError(f"the identity weights do not form a {family} adapter: {str(e)[:400]}") from None
     return a.eval()
+
+
+def adapter_token_width(adapter: nn.Module) -> Optional[int]:
+    """Width of the identity tokens an adapter takes (None if it is not one of ours)."""
+    if isinstance(adapter, SDIdentityAdapter):
+        return adapter.image_proj[0].weight.shape[1]
+    if isinstance(adapter, FluxIdentityAdapter):
+        return next(iter(adapter.blocks.values())).to_k_ip.weight.shape[1]
+    return None
+
+
+def check_tokens_fit(adapter: nn.Module, tokens: torch.Tensor) -> None:
+    """Tokens from another encoder would only fail deep inside the sampler: say so when the model is patched."""
+    want = adapter_token_width(adapter)
+    if want is not None and tokens.shape[-1] != want:
+        raise ValueError(f"this identity has tokens of width {tokens.shape[-1]} but these identity weights take width "
+                         f"{want}: encode the faces with the same Omni-ID / IP-Adapter model you apply")
 
 
 def check_adapter_fits(adapter: nn.Module, family: str, diffusion_model) -> None:

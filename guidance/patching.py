@@ -113,21 +113,22 @@ def row_mask(cond_or_uncond: Optional[list], batch: int, apply_to: str, device=N
     return rows
 
 
-def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int) -> torch.Tensor:
+def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int, chunks: int = 1) -> torch.Tensor:
     """Resize a region mask (M,H,W) or (H,W) to a token grid: (batch or 1, h*w, 1), values in [0,1].
 
-    Area interpolation keeps the mass of soft masks; a mask batch equal to the model's per-chunk batch
-    is repeated over the cond/uncond chunks.
+    Area interpolation keeps the mass of soft masks. ``batch`` rows are ``chunks`` cond/uncond chunks of
+    the latent batch; M must be 1 or the latent batch (one mask per image, repeated over the chunks).
     """
     if mask.ndim == 2:
         mask = mask[None]
     h, w = grid_hw
     m = F.interpolate(mask[:, None].float(), size=(h, w), mode="area" if mask.shape[-1] >= w else "bilinear")
     m = m.reshape(m.shape[0], h * w, 1).clamp(0, 1)
-    if m.shape[0] not in (1, batch):
-        if batch % m.shape[0]:
-            raise ValueError(f"mask batch {m.shape[0]} does not divide the model batch {batch}")
-        m = m.repeat(batch // m.shape[0], 1, 1)
+    per = batch // chunks if chunks > 0 and batch % chunks == 0 else batch
+    if m.shape[0] != 1:
+        if m.shape[0] != per:
+            raise ValueError(f"{m.shape[0]} masks for {per} latent image(s): connect one mask, or one per latent image")
+        m = m.repeat(batch // per, 1, 1)
     return m
 
 
@@ -239,7 +240,7 @@ class CallContext:
         return (math.ceil(H / 2), math.ceil(W / 2))   # FLUX patchifies 2x2 (padding to even)
 
     def token_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
-        return token_mask(mask, self.grid(), batch)
+        return token_mask(mask, self.grid(), batch, len(self.cond_or_uncond or []) or 1)
 
     def module(self):
         """UNet: the CrossAttention module of this hook; FLUX: the Double/SingleStreamBlock."""

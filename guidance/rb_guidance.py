@@ -665,6 +665,8 @@ class RBGuider(comfy.samplers.CFGGuider):
             img = ident.reference
             if img is None or img.dim() != 4 or img.shape[0] == 0:
                 raise RBGuidanceError(f"{who}: the reference must be an IMAGE batch with at least one image")
+            if img.shape[-1] < 3:   # gray (+ alpha): three equal channels
+                img = img[..., :1].expand(*img.shape[:-1], 3)
             n, h, w = img.shape[:3]
             if ident.reference_mask is not None:
                 m = ident.reference_mask
@@ -679,6 +681,10 @@ class RBGuider(comfy.samplers.CFGGuider):
                 m = detect_reference_masks(img, ident.reference_mask_source, who)
             with torch.no_grad():   # callable outside ComfyUI's inference mode too
                 lat = self.vae.encode(img[..., :3])
+            want = getattr(self.model_patcher.model.latent_format, "latent_channels", lat.shape[1])
+            if lat.shape[1] != want:
+                raise RBGuidanceError(f"{who}: the VAE gives {lat.shape[1]}-channel latents but this model uses {want}: "
+                                      "connect the VAE of this model's family")
             # the region in the generated image
             if ident.region_mask is not None:
                 rm = ident.region_mask
@@ -708,9 +714,21 @@ class RBGuider(comfy.samplers.CFGGuider):
         self.trace = []
         self._run = None           # reference features, sigmas and the capture clone: once per run
         try:
-            return super().sample(*args, **kwargs)
+            out = super().sample(*args, **kwargs)
         finally:
             self._run = None
+        self._warn_empty_regions()
+        return out
+
+    def _warn_empty_regions(self) -> None:
+        """An attention-derived region that never covered a cell means guidance silently did nothing."""
+        guided = [s for s in self.trace if s.guided and s.mask_cells]
+        for k, src in enumerate(self._sources or []):
+            if src is not None and guided and all(s.mask_cells[k] == 0 for s in guided):
+                what = f"token {src[1]}" if src[0] == "token" else f"identity adapter {src[1] + 1}"
+                log.warning("RB-Guidance: the face region of identity %d (from %s) was empty at every guided step, so "
+                            "it was not guided: check the token index / class word, turn on normalize_mask, or "
+                            "draw a region box or mask", k + 1, what)
 
     # -- per run, at the first guided step (model loaded, conds processed)
     def _prepare_run(self, x, model_options):

@@ -22,6 +22,7 @@ import folder_paths
 from ..face import align, detect, evaluate, landmarks, masks
 from ..face import insightface_loader as ifl
 from ..face.types import FaceDetection
+from .inputs import rgb_images
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class FaceAnalysis:
 
     def embed(self, crops112: torch.Tensor) -> torch.Tensor:
         if not self.has_recognition:
+            if self.pack is not None:
+                raise ValueError(f"the insightface pack '{self.pack.name}' has no recognition model: add its ArcFace "
+                                 "file (antelopev2: glintr100.onnx, buffalo_l: w600k_r50.onnx) to the pack's folder")
             raise ValueError("face embeddings need an insightface pack with a recognition model (antelopev2: "
                              "glintr100.onnx, buffalo_l: w600k_r50.onnx): use 'Load InsightFace Pack (IDP)' "
                              f"instead of the {self.backend} detector")
@@ -316,6 +320,8 @@ class FaceDetectAlign(io.ComfyNode):
     def execute(cls, face_analysis, image, crop_size, padding, order, face_index, min_face_size,
                 skip_images_without_face):
         size = int(crop_size)
+        image = rgb_images(image, "Face Detect & Align", "connect one or more images (an upstream Detect & Align "
+                           "with skip_images_without_face drops the images without a face)")
         detected = face_analysis.detect(image)
         selected, lines = [], []
         for i, faces in enumerate(detected):
@@ -576,6 +582,9 @@ class FaceMetrics(io.ComfyNode):
     def execute(cls, face_analysis, generated, references, missing_face, prompts="", target=None, clip_vision=None,
                 clip=None):
         lines = [ln.strip() for ln in (prompts or "").splitlines() if ln.strip()]
+        generated = rgb_images(generated, "Face Metrics (generated)")
+        references = rgb_images(references, "Face Metrics (references)")
+        target = rgb_images(target, "Face Metrics (target)") if target is not None else None
         emb = evaluate.Embedders(
             detector=face_analysis.detector,
             id_embed=face_analysis.embed if face_analysis.has_recognition else None,

@@ -19,6 +19,7 @@ import folder_paths
 from ..face import detect as face_detect
 from ..face.types import BackendUnavailable
 from ..guidance import flashface as ff
+from .inputs import rgb_images
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def encode_references(faces, vae, crop: str, size: int, pad_to: int):
     """IMAGE faces → (FlashFaceReferences, the prepared face images)."""
     if faces is None or faces.shape[0] == 0:
         raise ff.FlashFaceError("the face image batch is empty: connect one or more photos of the same person")
+    faces = rgb_images(faces, "FlashFace references")
     crops = _detect_and_crop(faces) if crop == "detect" else list(faces)
     prepared = torch.cat([ff.pad_to_square(c[None], size) for c in crops])
     latents = vae.encode(prepared).float().cpu()   # ComfyUI's VAE encodes to the posterior mean
@@ -263,6 +265,9 @@ class FlashFaceSampler(io.ComfyNode):
         g = _guidance(lambda_feat, lambda_ref, launch, R["lambda_before"], R["rescale"])
         m = ff.apply_flashface(model, references.padded(num_references), g, box=(face_x1, face_y1, face_x2, face_y2))
         latent = comfy.sample.fix_empty_latent_channels(m, latent_image["samples"])
+        if latent.shape[1] != 4:
+            raise ff.FlashFaceError(f"the latent has {latent.shape[1]} channels; FlashFace is an SD1.5 model (4): use an "
+                                    "Empty Latent Image or a latent from an SD1.5 VAE")
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         samples = comfy.sample.sample(m, noise, steps, cfg, R["sampler"], R["scheduler"], positive, negative, latent,
                                       denoise=1.0, noise_mask=latent_image.get("noise_mask"), seed=seed)

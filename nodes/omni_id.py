@@ -21,6 +21,7 @@ from ..guidance.patching import apply_injector, model_family
 from ..omni_encoder import mixing, weights
 from ..omni_encoder.baselines import CLIPTokensEncoder
 from ..omni_encoder.encoder import OmniIDConfig
+from .inputs import rgb_images
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,29 @@ def load_omni_id_model(path: str) -> OmniIDModel:
         return OmniIDModel(encoder, adapter, meta.base_family, meta, os.path.basename(path))
     sd = comfy.utils.load_torch_file(path, safe_load=True)
     if any(k.startswith("ip_adapter.") for k in sd) and any(k.startswith("image_proj.") for k in sd):
+        kind = public_ip_adapter_kind(sd)
+        if kind != "full-face":
+            raise ValueError(f"{os.path.basename(path)} is a {kind} IP-Adapter; this loader takes the full-face file "
+                             "(ip-adapter-full-face_sd15: 257 CLIP tokens through an MLP projection). Use an "
+                             f"IP-Adapter pack for {kind} files")
         dim = sd["image_proj.proj.0.weight"].shape[1]   # width of the CLIP tokens the projection takes
         cfg = OmniIDConfig(encoder_type="clip", token_dim=dim, clip_dim=dim, heads=1)
         return OmniIDModel(CLIPTokensEncoder(cfg), _PublicIPAdapter(sd), "unet", None, os.path.basename(path))
     raise ValueError(f"{os.path.basename(path)} is neither an Omni-ID weight file (format=omni_id in its metadata) nor an "
                      "IP-Adapter file (image_proj.* / ip_adapter.* keys): put Omni-ID files in models/omni_id and "
                      "IP-Adapter 'full face' files in models/ipadapter")
+
+
+def public_ip_adapter_kind(sd: dict) -> str:
+    """Which public IP-Adapter an ``image_proj.*`` state dict is (by its projection's layout)."""
+    keys = set(sd)
+    if "image_proj.latents" in keys:
+        return "plus (Resampler)"
+    if "image_proj.norm.weight" in keys:
+        return "FaceID" if "image_proj.proj.0.weight" in keys else "basic"
+    if {"image_proj.proj.0.weight", "image_proj.proj.2.weight", "image_proj.proj.3.weight"} <= keys:
+        return "full-face"
+    return "unrecognised"
 
 
 class _PublicIPAdapter:
@@ -140,8 +158,7 @@ def run_encoder(encoder: torch.nn.Module, **inputs) -> torch.Tensor:
 
 def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) -> Identity:
     """IMAGE (N, H, W, 3) of one person's aligned faces → one identity (1, L, C)."""
-    if images is None or images.shape[0] == 0:
-        raise ValueError("the image batch is empty: connect one or more face images of the same person")
+    images = rgb_images(images, "Omni-ID Encode", "connect one or more face images of the same person")
     if clip_vision is None:
         raise ValueError(f"the {m.encoder_type} encoder needs CLIP vision tokens: connect a CLIP_VISION model (ViT-H/14)")
     pbar = comfy.utils.ProgressBar(images.shape[0] + 1)
@@ -244,6 +261,8 @@ class OmniIDEncodeArcFace(io.ComfyNode):
             raise ValueError("no ArcFace embedding: the Face Embedding node found no face")
         clip_tokens = None
         if m.encoder_type == "arcface_clip":
+            if faces is not None:
+                faces = rgb_images(faces, "Omni-ID Encode ArcFace (faces)", "connect the aligned face crops")
             if clip_vision is None or faces is None:
                 raise ValueError("arcface_clip weights also need CLIP vision and the face crops: connect both")
             clip_tokens = torch.cat([clip_vision.encode_image(faces[i:i + 1], crop=True)["penultimate_hidden_states"]

@@ -217,8 +217,13 @@ def test_token_mask_resizes_to_block_grid():
     assert tmask.shape == (1, 64, 1)
     grid = tmask.view(8, 8)
     assert torch.equal(grid[:, :4], torch.ones(8, 4)) and torch.equal(grid[:, 4:], torch.zeros(8, 4))
-    two = P.token_mask(torch.stack([mask[0], 1 - mask[0]]), (4, 4), batch=4)
+    pair = torch.stack([mask[0], 1 - mask[0]])
+    two = P.token_mask(pair, (4, 4), batch=4, chunks=2)   # 2 latents x (cond, uncond): mask i for latent i
     assert two.shape == (4, 16, 1) and torch.equal(two[0], two[2]) and not torch.equal(two[0], two[1])
+    # one mask per latent image, or one for all: anything else names the fix instead of cycling the masks
+    for batch, chunks in ((6, 2), (2, 2)):
+        with pytest.raises(ValueError, match="2 masks for .* latent image.*one mask, or one per latent image"):
+            P.token_mask(pair, (4, 4), batch=batch, chunks=chunks)
 
 
 def test_model_family_and_wrong_model_error():

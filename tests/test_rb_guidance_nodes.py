@@ -183,6 +183,11 @@ def test_workflow_errors_are_clear():
     wf["19"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": IMG, "height": IMG}}
     with pytest.raises(harness.WorkflowError, match="region mask is empty"):
         harness.run_workflow(wf)
+    wf = guided("sd15", "err_vae")                                    # a FLUX VAE with an SD1.5 model
+    wf["20"] = {"class_type": "IDP_TinyModels", "inputs": {"family": "flux", "weights_seed": 0}}
+    wf["10"]["inputs"]["vae"] = ["20", 2]
+    with pytest.raises(harness.WorkflowError, match="16-channel latents but this model uses 4.*VAE"):
+        harness.run_workflow(wf)
     wf = guided("flux", "err_point", feature_point="up:1")            # a UNet point on FLUX
     with pytest.raises(harness.WorkflowError, match="does not exist on this FLUX model"):
         harness.run_workflow(wf)

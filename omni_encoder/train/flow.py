@@ -126,7 +126,8 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
     name = "identity_train"
 
     def __init__(self, adapter: nn.Module, family: str):
-        super().__init__(adapter, torch.zeros(1, 1, 1), family, weight=1.0, apply_to="both")
+        placeholder = torch.zeros(1, 1, ipa.adapter_token_width(adapter) or 1)   # the step supplies K/V
+        super().__init__(adapter, placeholder, family, weight=1.0, apply_to="both")
         self.train_kv: dict = {}
         self.key_mask: Optional[torch.Tensor] = None
 
