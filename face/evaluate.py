@@ -266,6 +266,13 @@ def evaluate(generated: ImagesLike, references: ImagesLike, emb: Embedders, targ
     step()
 
     if missing_face == "zero":
+        if not gi:   # no generated face at all: every similarity that could have been measured is 0
+            if emb.id_embed is not None:
+                values["id_sim"] = np.full(n, np.nan)
+                values["sim_target" if ti else "sim_ref"] = np.full(n, np.nan)
+            if emb.clip_image is not None:
+                values["clip_i"] = np.full(n, np.nan)
+            notes.append("no face found in any generated image: similarities scored 0 (missing_face = zero)")
         for k in ("id_sim", "sim_target", "sim_ref", "clip_i"):
             if k in values:
                 v = values[k].copy()

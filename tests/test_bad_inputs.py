@@ -103,3 +103,28 @@ def test_rb_guidance_warns_when_an_attention_region_was_always_empty(caplog):
         g._warn_empty_regions()
     assert "identity 1 (from token 5) was empty at every guided step" in caplog.text
     assert "identity 2" not in caplog.text and "identity 3" not in caplog.text   # a box, and a region seen once
+
+
+def test_metrics_missing_face_zero_scores_zero_when_no_generated_image_has_a_face():
+    import numpy as np
+    from idportrait.face import evaluate as E
+    from idportrait.face.types import FaceDetection
+
+    class BrightOnly:   # "finds" a centred face in bright images only
+        def detect(self, rgb):
+            if rgb.mean() < 128:
+                return []
+            h, w = rgb.shape[:2]
+            kps = np.array([[0.35 * w, 0.4 * h], [0.65 * w, 0.4 * h], [0.5 * w, 0.55 * h], [0.4 * w, 0.7 * h],
+                            [0.6 * w, 0.7 * h]], dtype=np.float32)
+            return [FaceDetection(np.array([0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h], dtype=np.float32), kps, 0.9)]
+
+    emb = E.Embedders(detector=BrightOnly(), id_embed=lambda x: torch.nn.functional.normalize(torch.rand(x.shape[0], 8), dim=-1),
+                      clip_image=lambda x: torch.rand(x.shape[0], 8))
+    gen, refs = torch.zeros(2, 64, 64, 3), torch.ones(1, 64, 64, 3)
+    zero = E.evaluate(gen, refs, emb, missing_face="zero")
+    assert zero["mean"]["id_sim"] == 0.0 and zero["mean"]["clip_i"] == 0.0 and zero["mean"]["sim_ref"] == 0.0
+    assert all(r["id_sim"] == 0.0 for r in zero["per_image"])
+    assert any("no face found in any generated image" in n for n in zero["notes"])
+    excluded = E.evaluate(gen, refs, emb, missing_face="exclude")
+    assert "id_sim" not in excluded["mean"] and excluded["face_detection_rate"] == 0.0
