@@ -19,8 +19,7 @@ from comfy.ldm.modules.attention import CrossAttention
 
 import idportrait.guidance.flashface_keys as fk
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS_FILE = os.path.join(REPO, "..", "shared", "reference", "flashface", "checkpoint_keys_shapes.txt")
+from flashface_tiny import KEYS_FILE, REPO  # noqa: E402  (the released key list, kept in tests/data)
 
 
 def sd15_model_config(in_channels, model_channels=320, context_dim=768):
@@ -42,8 +41,6 @@ def comfy_unet_shapes(in_channels):
 
 @pytest.fixture(scope="module")
 def file_shapes():
-    if not os.path.isfile(KEYS_FILE):
-        pytest.skip(f"shared reference data absent: {os.path.normpath(KEYS_FILE)}")
     out = {}
     with open(KEYS_FILE, encoding="utf-8") as fh:
         for line in fh:
