@@ -191,21 +191,38 @@ def test_flashface_lambda_zero_still_adds_self_reference_attention(ff_model):
 
 # --- three-way guidance ------------------------------------------------------------------------
 
-def test_three_way_guidance_equals_the_hand_combination_of_three_model_calls(ff_model):
+@pytest.mark.parametrize("rescale", [0.0, 0.5])
+def test_three_way_guidance_equals_the_hand_combination_of_three_model_calls(ff_model, rescale):
     r = refs(4)
-    g, c, lam = 7.5, 3.2, 1.2
+    # with rescale, a strong reference guidance so that std(ε_y)/std(ε_out) is far from 1 on the tiny model
+    g, c, lam, denoise = 7.5, (60.0 if rescale else 3.2), 1.2, 0.3
     pos, neg = cond(1), cond(2)
     # one Euler step to σ = 0 returns the model's denoised prediction itself; denoise 0.3 starts at a σ
     # where the prediction is not dominated by the noisy input
-    three = run(FF.apply_flashface(ff_model, r, FF.Guidance(lam, c, launch=1000, lambda_before=0.85, rescale=0.0)),
-                steps=1, cfg=g, pos=pos, neg=neg, denoise=0.3)
+    m3 = FF.apply_flashface(ff_model, r, FF.Guidance(lam, c, launch=1000, lambda_before=0.85, rescale=rescale))
+    seen = {}
+
+    def post_cfg(args):   # after our three-way pre-CFG step: the step's input x and σ
+        seen.update(x=args["input"].clone(), sigma=args["sigma"].clone())
+        return args["denoised"]
+    m3.set_model_sampler_post_cfg_function(post_cfg)
+    three = run(m3, steps=1, cfg=g, pos=pos, neg=neg, denoise=denoise)
 
     def single(lambda_row, positive):   # cfg 1: ComfyUI runs only the cond row; launch −1: λ_before on it
         m = FF.apply_flashface(ff_model, r, FF.Guidance(0.0, 0.0, launch=-1, lambda_before=lambda_row, rescale=0.0))
-        return run(m, steps=1, cfg=1.0, pos=positive, neg=neg, denoise=0.3)
+        return run(m, steps=1, cfg=1.0, pos=positive, neg=neg, denoise=denoise)
 
     y_ref, y, u = single(lam, pos), single(0.0, pos), single(0.0, neg)
     expected = u + g * (y - u) + c * (y_ref - y)
+    if rescale:   # the released rescale, on ε, with the numerator from the cond row WITHOUT references
+        lf = ff_model.model.latent_format   # samples come out of KSampler in VAE space; x and ε are in model space
+        x, s = seen["x"], seen["sigma"]
+        eps_out, eps_y = (x - lf.process_in(expected)) / s, (x - lf.process_in(y)) / s
+        ratio = eps_y.flatten(1).std(dim=1) / (eps_out.flatten(1).std(dim=1) + 1e-12)
+        eps_out = eps_out * (rescale * ratio.view(-1, 1, 1, 1) + (1 - rescale))
+        rescaled = lf.process_out(x - s * eps_out)
+        assert (rescaled - expected).abs().max() > 0.1 * (c * (y_ref - y)).abs().max()   # rescale matters here
+        expected = rescaled
     err = (three - expected).abs().max()
     c_term = (c * (y_ref - y)).abs().max()
     assert c_term > 1e-2 * expected.abs().max()          # the reference term is far from negligible
@@ -243,6 +260,26 @@ def test_cfg_rescale_matches_the_released_formula():
     want = x - 3.0 * (eps_out * (0.5 * ratio + 0.5))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(FF.rescale_cfg(final, y, x, sigma, 0.0), final)
+
+
+def test_three_way_step_rescales_against_the_cond_row_without_references():
+    """The pre-CFG step itself: rows with very different spreads, so the numerator's row is visible."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    y, u, y_ref = (torch.randn(1, 4, 8, 8, generator=g) * s for s in (0.5, 2.0, 1.0))
+    sigma = torch.tensor([2.0])
+
+    class Inj:   # the injector's side of the protocol: guidance settings and the stashed reference row
+        guidance = FF.Guidance(1.2, 3.2, launch=1000, lambda_before=0.85, rescale=0.5)
+
+        def take_ref_output(self, s, like):
+            return y_ref
+    out = FF._ThreeWayCombine(Inj())({"conds_out": [y, u], "cond_scale": 7.5, "sigma": sigma, "input": x})
+    final = out[1] + 7.5 * (out[0] - out[1])            # what ComfyUI's CFG makes of the returned pair
+    want = FF.rescale_cfg(u + 7.5 * (y - u) + 3.2 * (y_ref - y), y, x, sigma, 0.5)
+    torch.testing.assert_close(final, want)
+    wrong = FF.rescale_cfg(u + 7.5 * (y - u) + 3.2 * (y_ref - y), u, x, sigma, 0.5)
+    assert (want - wrong).abs().max() > 0.1
 
 
 def test_ddim_simple_reproduces_the_released_trailing_timesteps():
