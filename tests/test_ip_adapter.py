@@ -221,3 +221,56 @@ def test_matches_diffusers_ip_adapter_processor_on_a_tiny_sd15_unet():
     assert effect > 1e-4                      # the identity does something, far above the tolerance below
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert (got - want).abs().max() < effect / 100
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_flux_block_adds_w_times_attention_of_image_queries_to_identity_tokens(kind):
+    """At the first hooked FLUX block the patched output minus the plain one is exactly
+    w · softmax(q kᵀ/√D) v on the image tokens (q: the block's own pre-RoPE image query, k/v: the
+    adapter's projections of the identity tokens), and exactly 0 on the text tokens."""
+    import math
+    m = tm.tiny_model("flux", 0)
+    dm = m.model.diffusion_model
+    key = (kind, 0)
+    block = (dm.double_blocks if kind == "double" else dm.single_blocks)[0]
+    ad = _adapter(m, "flux", scale=0.5)
+    tokens, w = _tokens(), 0.7
+
+    class Capture(P.Injector):
+        kinds = ("double", "single")
+
+        def __init__(self):
+            super().__init__(blocks=[key])
+            self.seen = None
+
+        def double_block(self, ctx, args, call, **kw):
+            before = {k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()}   # blocks add in place
+            res = call(args)
+            if self.seen is None:
+                self.seen = {"args": before, "out": {k: v.clone() for k, v in res.items()}, "txt_len": ctx.txt_len}
+            return res
+
+        single_block = double_block
+
+    plain_cap, patched_cap = Capture(), Capture()
+    sample(P.apply_injector(m, plain_cap), "flux", steps=1)
+    inj = IP.IdentityInjector(ad, tokens, "flux", weight=w, blocks=[key])
+    sample(P.apply_injector(P.apply_injector(m, inj), patched_cap), "flux", steps=1)
+    a, p0, p1 = patched_cap.seen["args"], plain_cap.seen["out"]["img"], patched_cap.seen["out"]["img"]
+    assert torch.equal(a["img"], plain_cap.seen["args"]["img"])   # same inputs: nothing hooked before this block
+    t = 0 if kind == "double" else patched_cap.seen["txt_len"]
+    img_in = a["img"][:, t:]
+    q = (IP.flux_double_query(block, img_in, a["vec"]) if kind == "double"
+         else IP.flux_single_query(block, img_in, a["vec"]))             # (B, H, L, D)
+    B, H, L, D = q.shape
+    lin = ad.blocks[f"{kind}_0"]
+    k = lin.to_k_ip(tokens).view(1, -1, H, D).transpose(1, 2)
+    v = lin.to_v_ip(tokens).view(1, -1, H, D).transpose(1, 2)
+    want = (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), dim=-1) @ v).transpose(1, 2).reshape(B, L, H * D)
+    delta = p1 - p0
+    torch.testing.assert_close(delta[:, t:], w * want, rtol=1e-4, atol=1e-5)
+    assert want.abs().max() > 1e-2
+    if kind == "single":
+        assert torch.equal(delta[:, :t], torch.zeros_like(delta[:, :t]))   # text tokens untouched
+    else:
+        assert torch.equal(patched_cap.seen["out"]["txt"], plain_cap.seen["out"]["txt"])
