@@ -367,6 +367,41 @@ def test_attention_mask_from_class_token_and_from_identity_adapter():
         assert not torch.equal(out, plain_id)
 
 
+def test_two_token_identities_get_eq6_masks_made_disjoint_by_argmax(monkeypatch):
+    """M_gen of attention-derived identities: Eq. 6 (refine the mean cross-attention map, propagate it by
+    the recorded self-attention, threshold at beta) from the maps the guider recorded, and a pixel claimed
+    by both identities goes to the stronger one."""
+    model, vae = _models("sd15")
+    seen = []
+    orig = RG.RBGuider._gen_masks
+
+    def spy(self, record, b, latent_hw):
+        out = orig(self, record, b, latent_hw)
+        seen.append((record, [m.clone() for m in out]))
+        return out
+    monkeypatch.setattr(RG.RBGuider, "_gen_masks", spy)
+    g = _rb(model, vae, [_ident(token_index=3), _ident(ref_seed=6, token_index=5)], p=8.5, u=0.6,
+            normalize_mask=True)
+    _run(g, model, "sd15")
+    assert seen
+    s = g.settings
+    overlapped = False
+    for record, got in seen:
+        h, w = record.grid
+        a_hats = []
+        for k in range(2):
+            cross = torch.stack(record.cross[k]).mean(0).reshape(1, h, w)
+            a = rb.propagate_by_self_attention(rb.refine_mask(cross, gamma=s.gamma, alpha=s.alpha), record.qk)
+            a_hats.append(rb.minmax_normalize(a))
+        above = [a > s.beta for a in a_hats]
+        overlapped |= bool((above[0] & above[1]).any())
+        winner = torch.stack(a_hats).argmax(0)
+        for k in range(2):
+            assert torch.equal(got[k], (above[k] & (winner == k)).float())
+        assert not bool(((got[0] > 0) & (got[1] > 0)).any())
+    assert overlapped   # the argmax really had pixels to settle
+
+
 def test_adapter_attention_share_is_the_joint_softmax_mass():
     """The recorded adapter map equals a direct evaluation: softmax over [text; identity] keys, mass on identity."""
     model, _ = _models("sd15")
