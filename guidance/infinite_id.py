@@ -290,11 +290,12 @@ class InfiniteIDInjector(Injector):
         t, i = pairs
         k, v = mixed_kv(ctx.k[t], ctx.v[t], ctx.k[i], ctx.v[i], self.adain_mix)
         n_id = ctx.k.shape[1]
-        if self.probe is not None:
-            self.probe("attn1", ctx.key, {"k": k, "v": v, "n_id": n_id, "k_t": ctx.k[t], "v_t": ctx.v[t],
-                                          "k_id": ctx.k[i], "v_id": ctx.v[i], "text_rows": t, "identity_rows": i})
         mixed = attend_sd(ctx.q[t], k, v, ctx.n_heads, ctx.transformer_options,
                           identity_bias(n_id, k.shape[1], self.mix_weight, k))
+        if self.probe is not None:
+            self.probe("attn1", ctx.key, {"k": k, "v": v, "n_id": n_id, "k_t": ctx.k[t], "v_t": ctx.v[t],
+                                          "k_id": ctx.k[i], "v_id": ctx.v[i], "text_rows": t, "identity_rows": i,
+                                          "q_t": ctx.q[t], "heads": ctx.n_heads, "mixed": mixed})
         new = out.clone()
         new[t] = mixed if out is ctx.base else out[t] - ctx.base[t] + mixed
         return new

@@ -324,3 +324,35 @@ def test_node_schema_documents_paper_defaults():
     assert all(x in schema.description for x in ("SDXL", "DDIM 30", "CFG 5"))
     assert all(getattr(i, "tooltip", None) for i in schema.inputs[3:])
     assert math.isclose(I.PAPER_DEFAULTS["cfg"], 5.0) and I.PAPER_DEFAULTS["steps"] == 30
+
+
+def test_sd_mixed_attention_output_is_softmax_over_identity_and_text_keys_with_log_weight():
+    """Text rows' self-attention output = softmax(q [k_id'; k_t]ᵀ/√d + [log w; 0]) [v_id'; v_t], written
+    into the text rows (the identity rows keep their own attention)."""
+    import math
+    from test_patching import Recorder
+    m = tm.tiny_model("sd15", 0)
+    w = 0.6
+    # a strong identity stream, so that its keys differ from the text stream's already at the first step
+    p = I.apply_infinite_id(m, _adapter(m, "sd15", scale=2.0), _tokens(), identity_weight=10.0, mix_weight=w,
+                            adain="off", merge_weight=0.0)
+    seen = []
+    I.injector_of(p).probe = lambda kind, key, info: seen.append((key, info))
+    key = P.unet_block_keys(m.model.diffusion_model)[-1]   # a late block: the two streams differ there
+    rec = Recorder(key)
+    sample(P.apply_injector(p, rec), "sd15", steps=1, size=16)
+    info = next(i for k, i in seen if k == key)
+    q, k, v, heads, n_id = info["q_t"], info["k"], info["v"], info["heads"], info["n_id"]
+    b, lq, inner = q.shape
+    d = inner // heads
+    split = lambda x: x.reshape(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+    bias = torch.zeros(k.shape[1])
+    bias[:n_id] = math.log(w)
+    att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d) + bias, dim=-1)
+    want = (att @ split(v)).transpose(1, 2).reshape(b, lq, inner)
+    torch.testing.assert_close(info["mixed"], want, rtol=1e-4, atol=1e-5)
+    base, out = rec.seen[0]
+    t, i = info["text_rows"], info["identity_rows"]
+    torch.testing.assert_close(out[t], want, rtol=1e-4, atol=1e-5)          # written into the text rows
+    assert torch.equal(out[i], base[i])                                      # identity rows: own attention
+    assert (want - base[t]).abs().max() > 1e-3                              # mixing changes the text rows
