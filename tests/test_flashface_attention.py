@@ -89,6 +89,7 @@ class Capture(P.Injector):
 
     def _record(self, ctx, out):
         self.seen.append({"base": ctx.base.clone(), "out": out.clone(), "x": ctx.x, "q": ctx.q, "k": ctx.k, "v": ctx.v,
+                          "sigma": ctx.transformer_options["sigmas"].clone(),
                           "heads": ctx.n_heads, "module": ctx.module(), "key": ctx.key,
                           "feats": [f.clone() for f in self.inj.features(ctx.key)] if self.inj else []})
         return out
@@ -122,6 +123,26 @@ def test_training_free_block_computes_the_blend_of_self_and_reference_attention(
     assert s["feats"][0].shape[0] == 2 and s["feats"][1].shape[0] == 3
     torch.testing.assert_close(s["out"], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(s["out"], s["base"])
+
+    # The reference features themselves: norm1(x) of this block when the plain model runs on the clean
+    # reference latents at this step's timestep with the negative prompt, recorded here through ComfyUI's
+    # own attn1_patch on an unpatched forward (independent of the injector's recorder).
+    sigma = s["sigma"]
+    t = m.get_model_object("model_sampling").timestep(sigma.flatten()[:1])
+    neg_ctx = cond(2)[0][0]
+    for f, st in zip(s["feats"], r.sets):
+        got = []
+
+        def rec(n, context, value, extra_options):
+            if (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0)) == key:
+                got.append(n.clone())
+            return n, context, value
+        x = m.model.latent_format.process_in(st.latents)
+        n = x.shape[0]
+        with torch.no_grad():
+            m.model.diffusion_model(x, t.expand(n), context=neg_ctx.expand(n, -1, -1),
+                                    transformer_options={"patches": {"attn1_patch": [rec]}})
+        torch.testing.assert_close(f, got[0], rtol=1e-5, atol=1e-6)
 
 
 class BlockIO(P.Injector):
