@@ -245,3 +245,21 @@ def test_inplace_protection_gives_exact_gradients_through_a_comfyui_flux_block()
         with torch.no_grad():
             fd = (f(x + e, False) - f(x - e, False)) / 2e-6
         assert float(x.grad[idx]) == pytest.approx(float(fd), rel=1e-5, abs=1e-7)
+
+
+def test_ema_export_is_the_running_average_of_the_optimizer_steps(tmp_path):
+    """decay 0.5 over two steps: exported = 0.25·w0 + 0.25·w1 + 0.5·w2 (w_k: the raw weights after step k)."""
+    root = str(tmp_path / "ds")
+    S.make_identity_dataset(root, identities=6, images=8, size=56)
+
+    def weights(name, steps, lr=1e-3, use_ema=False):
+        cfg = S.tiny_config("mtd", root, str(tmp_path / name), optim={"max_steps": steps, "lr": lr},
+                            engine={"ema_decay": 0.5}, export={"use_ema": use_ema})
+        return load_file(train(cfg)["exported"]["encoder"])
+    w0, w1, w2 = weights("w0", 1, lr=0.0), weights("w1", 1), weights("w2", 2)
+    ema = weights("ema", 2, use_ema=True)
+    moved = [k for k in ema if not torch.equal(w0[k], w2[k])]
+    assert moved   # training changed the weights, so the average is not trivially the start
+    for k in ema:
+        torch.testing.assert_close(ema[k], 0.25 * w0[k] + 0.25 * w1[k] + 0.5 * w2[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(ema[k], w2[k]) for k in moved)
