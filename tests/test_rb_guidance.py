@@ -338,6 +338,31 @@ def test_reference_pass_once_per_run_and_guided_pass_once_per_guided_step():
     assert len(calls) == 6 + guided + 2
 
 
+def test_reference_pass_runs_at_t0_on_the_noised_clean_reference_latents():
+    """The reference pass: the reference's latent noised to DDPM step t0 (x = z + σ_t0·ε, ε from ref_seed + k,
+    one draw per ensemble member), at timestep t0 exactly, with the positive prompt."""
+    model, vae = _models("sd15")
+    calls = []
+
+    def spy(executor, *args, **kwargs):
+        calls.append((args[0].clone(), args[1].clone()))
+        return executor(*args, **kwargs)
+    spied = model.clone()
+    spied.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    ident = RG.RBIdentity(_image(7, n=2), reference_mask=REF_MASK, region_mask=LEFT)
+    g = _rb(spied, vae, [ident], p=8.5, u=0.6, t0=671, ensemble=2, ref_seed=3)
+    _run(g, spied, "sd15", steps=4)
+    ms = model.get_model_object("model_sampling")
+    x_ref, t_ref = next((x, t) for x, t in calls if x.shape[0] == 4)   # ensemble 2 x 2 images
+    assert torch.equal(t_ref, torch.full((4,), 671.0))
+    sigma = ms.sigma(torch.tensor(671.0))
+    with torch.no_grad():
+        z = model.model.process_latent_in(vae.encode(ident.reference[..., :3]).float())
+    eps = torch.randn((2,) + tuple(z.shape), generator=torch.Generator().manual_seed(3)).reshape(-1, *z.shape[1:])
+    want = ms.calculate_input(sigma, z.repeat(2, 1, 1, 1) + sigma * eps)
+    torch.testing.assert_close(x_ref, want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_mask_from_class_token_and_from_identity_adapter():
     model, vae = _models("sd15")
     g = _rb(model, vae, [_ident(token_index=3)], p=8.5, u=0.6, normalize_mask=True)
