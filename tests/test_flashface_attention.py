@@ -176,6 +176,59 @@ def test_training_free_flux_changes_image_tokens_only():
     assert (out0[:, txt:] - out1[:, txt:]).abs().max() > 0         # image tokens see the references
 
 
+class AttnCapture(P.Injector):
+    """Applied BEFORE the training-free injector on a FLUX block (so it sits inside it): its attention override
+    wraps the training-free one and sees the joint q, k, v and the blended output."""
+    kinds = ("single",)
+
+    def __init__(self, key):
+        super().__init__(blocks=[key])
+        self.seen = []
+
+    def single_block(self, ctx, args, call, **kw):
+        to = dict(args.get("transformer_options") or {})
+        outer = to.get(FF.OVERRIDE)
+
+        def cap(func, q, k, v, heads, *a, **kwa):
+            out = outer(func, q, k, v, heads, *a, **kwa) if outer is not None else func(q, k, v, heads, *a, **kwa)
+            if not self.seen:
+                self.seen.append({"q": q.clone(), "k": k.clone(), "v": v.clone(), "out": out.clone(),
+                                  "txt": ctx.txt_len, "heads": heads,
+                                  "feats": [tuple(x.clone() for x in f) for f in self.inj.features(ctx.key)]})
+            return out
+        to[FF.OVERRIDE] = cap
+        return call({**args, "transformer_options": to})
+
+
+def test_training_free_flux_blend_is_exact_on_image_queries():
+    """Image queries: (1−λ)·A(q, k, v) + λ·A(q, [k; k_ref], [v; v_ref]); text queries: A(q, k, v) unchanged."""
+    import math
+    m = tm.tiny_model("flux", 0)
+    r = refs(1, n=2, channels=16)
+    lam = 0.7
+    key = ("single", 0)
+    cap = AttnCapture(key)
+    p = FF.apply_training_free(P.apply_injector(m, cap), r, FF.Guidance(0.0, 0.0, launch=-1, lambda_before=lam,
+                                                                         rescale=0.0))
+    cap.inj = FF.injector_of(p)
+    run(p, steps=1, cfg=4.0, family="flux")
+    s = cap.seen[0]
+    q, k, v, t, heads = s["q"], s["k"], s["v"], s["txt"], s["heads"]
+    kr, vr = s["feats"][0]                                           # (N, H, L, D) per reference face
+    kr = kr.transpose(0, 1).reshape(kr.shape[1], -1, kr.shape[-1])[None]
+    vr = vr.transpose(0, 1).reshape(vr.shape[1], -1, vr.shape[-1])[None]
+
+    def attend(q_, k_, v_):   # (B, H, L, D) → (B, L, H·D), written out
+        w = torch.softmax(q_ @ k_.transpose(-1, -2) / math.sqrt(q_.shape[-1]), dim=-1)
+        return (w @ v_).transpose(1, 2).reshape(q_.shape[0], q_.shape[2], -1)
+    b = q.shape[0]
+    base = attend(q, k, v)
+    ref = attend(q[:, :, t:], torch.cat([k, kr.expand(b, -1, -1, -1)], 2), torch.cat([v, vr.expand(b, -1, -1, -1)], 2))
+    torch.testing.assert_close(s["out"][:, :t], base[:, :t], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s["out"][:, t:], (1 - lam) * base[:, t:] + lam * ref, rtol=1e-4, atol=1e-5)
+    assert (ref - base[:, t:]).abs().max() > 1e-3
+
+
 def test_flashface_block_adds_both_reference_attention_terms(ff_model):
     """x += λ·Σ w_i RA(y,[y;refs_i]) + (1−λ)·RA(y,y), RA = the separate flashface_ref_attn module; λ > 1 allowed."""
     r = refs(1, n=2).mix(refs(2, n=1), 0.25)
