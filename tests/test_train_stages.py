@@ -117,7 +117,9 @@ def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path
     assert m.family == "sd15" and m.meta.extra["trunk_trained"] == "1"
     trunk_sd = load_file(res["exported"]["clip_vision"])
     cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
-    assert set(trunk_sd) == set(cv.model.state_dict())                 # ComfyUI CLIP vision layout
+    init = cv.model.state_dict()                                        # the trunk the run started from
+    assert set(trunk_sd) == set(init)                                   # ComfyUI CLIP vision layout
+    assert any(not torch.equal(trunk_sd[k], init[k].to(trunk_sd[k].dtype)) for k in trunk_sd)   # it was trained
     cv.load_sd(trunk_sd)
     ident = N.encode_faces(m, cv, _images(ds2, "person_01", [1, 2], 64), crop=True)
     model = tm.tiny_model("sd15", 0)
