@@ -64,17 +64,24 @@ class FaceDetection:
         return replace(self, **changes)
 
 
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI image(s) [..., C] as RGB [..., 3]: gray (C=1) and gray+alpha (C=2) become three equal
+    channels, alpha (C=4, LoadImage variants) is dropped."""
+    c = image.shape[-1]
+    if c in (1, 2):
+        return image[..., :1].expand(*image.shape[:-1], 3)
+    if c < 1 or c > 4:
+        raise ValueError(f"an IMAGE has 1 to 4 channels (last axis), this one has {c}")
+    return image[..., :3]
+
+
 def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     """One ComfyUI image [H,W,C] (or [1,H,W,C]) in 0..1 to an RGB uint8 array [H,W,3]."""
     if image.ndim == 4:
         if image.shape[0] != 1:
             raise ValueError(f"expected a single image, got a batch of {image.shape[0]}")
         image = image[0]
-    arr = image.detach().to("cpu", torch.float32).clamp(0, 1).numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    elif arr.shape[-1] == 4:   # RGBA from LoadImage variants: detectors want RGB
-        arr = arr[..., :3]
+    arr = to_rgb(image.detach()).to("cpu", torch.float32).clamp(0, 1).numpy()
     return (arr * 255.0 + 0.5).astype(np.uint8)
 
 

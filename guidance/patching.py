@@ -236,8 +236,7 @@ class CallContext:
         """Token grid (h, w) of this block."""
         if self.kind in SD_KINDS + SD_OUTPUT_KINDS:
             return tuple(self.transformer_options["activations_shape"][-2:])
-        H, W = self.latent_shape[-2:]
-        return (math.ceil(H / 2), math.ceil(W / 2))   # FLUX patchifies 2x2 (padding to even)
+        return flux_token_grid(self.latent_shape)
 
     def token_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
         return token_mask(mask, self.grid(), batch, len(self.cond_or_uncond or []) or 1)
@@ -448,6 +447,12 @@ class _UnetOutputHook(_Hook):
         return out
 
 
+def flux_token_grid(latent_shape) -> tuple[int, int]:
+    """FLUX image-token grid of a latent (h, w): it patchifies 2x2, padding to even."""
+    H, W = latent_shape[-2:]
+    return (math.ceil(H / 2), math.ceil(W / 2))
+
+
 def single_block_txt_len(to: dict, total: int) -> int:
     """Text tokens at the front of a FLUX single block's ``cat(txt, img)``.
 
@@ -460,8 +465,10 @@ def single_block_txt_len(to: dict, total: int) -> int:
     if to.get(TXT_LEN_KEY) is not None:
         return int(to[TXT_LEN_KEY])
     shape = to.get(SHAPE_KEY)
-    n_img = math.ceil(shape[-2] / 2) * math.ceil(shape[-1] / 2) if shape is not None else 0
-    return total - n_img
+    if shape is None:
+        return total
+    h, w = flux_token_grid(shape)
+    return total - h * w
 
 
 class _DitHook(_Hook):
@@ -514,7 +521,6 @@ class _ModelCallWrapper:
         to[SHAPE_KEY] = tuple(x.shape)
         to[MODEL_KEY] = executor.class_obj
         to.pop(TXT_LEN_KEY, None)
-        to.pop(SIGMA_KEY, None)
         to[SIGMA_KEY] = (to.get("sigmas"), _sigma_of(to))   # every hook reads it: one GPU→CPU sync, not one per block
         for inj in self.layer.injectors:
             inj.on_model_call(to, x, timestep, call_args=args, call_kwargs=kwargs)

@@ -46,6 +46,7 @@ import comfy.samplers
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
+from ..face.types import to_rgb
 from . import rb_energy as rb
 from .ip_adapter import IdentityInjector, flux_double_query
 from .patching import LAYER_KEY, WRAPPER_KEY, Injector, apply_injector, model_family
@@ -665,8 +666,7 @@ class RBGuider(comfy.samplers.CFGGuider):
             img = ident.reference
             if img is None or img.dim() != 4 or img.shape[0] == 0:
                 raise RBGuidanceError(f"{who}: the reference must be an IMAGE batch with at least one image")
-            if img.shape[-1] < 3:   # gray (+ alpha): three equal channels
-                img = img[..., :1].expand(*img.shape[:-1], 3)
+            img = to_rgb(img)
             n, h, w = img.shape[:3]
             if ident.reference_mask is not None:
                 m = ident.reference_mask
@@ -680,7 +680,7 @@ class RBGuider(comfy.samplers.CFGGuider):
             else:
                 m = detect_reference_masks(img, ident.reference_mask_source, who)
             with torch.no_grad():   # callable outside ComfyUI's inference mode too
-                lat = self.vae.encode(img[..., :3])
+                lat = self.vae.encode(img)
             want = getattr(self.model_patcher.model.latent_format, "latent_channels", lat.shape[1])
             if lat.shape[1] != want:
                 raise RBGuidanceError(f"{who}: the VAE gives {lat.shape[1]}-channel latents but this model uses {want}: "

@@ -128,9 +128,8 @@ def _detect_and_crop(faces: torch.Tensor) -> list:
 
 def encode_references(faces, vae, crop: str, size: int, pad_to: int):
     """IMAGE faces → (FlashFaceReferences, the prepared face images)."""
-    if faces is None or faces.shape[0] == 0:
-        raise ff.FlashFaceError("the face image batch is empty: connect one or more photos of the same person")
-    faces = rgb_images(faces, "FlashFace references")
+    faces = rgb_images(faces, "FlashFace references", "connect one or more photos of the same person",
+                       error=ff.FlashFaceError)
     crops = _detect_and_crop(faces) if crop == "detect" else list(faces)
     prepared = torch.cat([ff.pad_to_square(c[None], size) for c in crops])
     latents = vae.encode(prepared).float().cpu()   # ComfyUI's VAE encodes to the posterior mean

@@ -5,15 +5,16 @@ from typing import Optional
 
 import torch
 
+from ..face.types import to_rgb
 
-def rgb_images(image: Optional[torch.Tensor], what: str, fix: str = "connect one or more images") -> torch.Tensor:
-    """A ComfyUI IMAGE (B, H, W, C) as RGB: gray (C=1) and gray+alpha (C=2) become three equal channels,
-    alpha (C=4) is dropped. Raises a ValueError naming ``what`` for a missing or empty batch."""
+
+def rgb_images(image: Optional[torch.Tensor], what: str, fix: str = "connect one or more images",
+               error: type = ValueError) -> torch.Tensor:
+    """A ComfyUI IMAGE batch (B, H, W, C) as RGB (see ``face.types.to_rgb``). Raises ``error`` naming ``what``
+    for a missing or empty batch."""
     if image is None or image.ndim != 4 or image.shape[0] == 0:
-        raise ValueError(f"{what}: the image batch is empty; {fix}")
-    c = image.shape[-1]
-    if c in (1, 2):
-        return image[..., :1].expand(*image.shape[:-1], 3)
-    if c < 1 or c > 4:
-        raise ValueError(f"{what}: an IMAGE has 1 to 4 channels (last axis), this one has {c}")
-    return image[..., :3]
+        raise error(f"{what}: the image batch is empty; {fix}")
+    try:
+        return to_rgb(image)
+    except ValueError as e:
+        raise error(f"{what}: {e}") from e
