@@ -48,6 +48,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..face.types import to_rgb
 from . import rb_energy as rb
+from .differentiable import comfy_training_mode
 from .ip_adapter import IdentityInjector, flux_double_query
 from .patching import LAYER_KEY, WRAPPER_KEY, Injector, apply_injector, model_family
 
@@ -205,6 +206,8 @@ class GradPass(TorchFunctionMode):
        reference; right before an in-place op writes to a storage that holds saved tensors, those are
        snapshotted (cloned). So only tensors that are really overwritten are copied, and the forward
        code and its results are exactly ComfyUI's.
+    3. ComfyUI's own differentiable kernels are selected (``differentiable.comfy_training_mode``: current
+       ComfyUI's fused FLUX RoPE has no backward) and deselected on exit, also when the forward raises.
     Use inside ``torch.inference_mode(False)`` and ``torch.enable_grad()``.
     """
 
@@ -218,17 +221,26 @@ class GradPass(TorchFunctionMode):
         self._counted: set = set()  # storages already counted, plus the weights' (not activations)
 
     def __enter__(self):
-        self._hooks.__enter__()
-        return super().__enter__()
+        self._training = comfy_training_mode()
+        self._training.__enter__()
+        try:
+            self._hooks.__enter__()
+            return super().__enter__()
+        except BaseException:
+            self._training.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._hooks.__exit__(*exc)
-            self._saved.clear()
-            self._cache.clear()
-            self._counted.clear()
+            try:
+                self._hooks.__exit__(*exc)
+            finally:
+                self._training.__exit__(None, None, None)
+                self._saved.clear()
+                self._cache.clear()
+                self._counted.clear()
 
     def _pack(self, t):
         h = _Saved(t)

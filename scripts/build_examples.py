@@ -272,6 +272,38 @@ def wf_sd15_rb_guidance():
     return g
 
 
+def wf_flux_rb_guidance():
+    g = {"note": note("OmniPortrait RB-Guidance on FLUX: a GUIDER for SamplerCustomAdvanced. For the last u of the noise "
+                      "schedule it follows the gradient of a DIFT feature-matching energy between the generated face "
+                      "(inside the region box) and the detected reference face; the features are read after the last "
+                      "double block ('auto'). FLUX-dev is guidance-distilled: keep cfg 1 and set the distilled guidance "
+                      "with FluxGuidance. No trained weights needed for the guidance. Models as in the FLUX example.")}
+    model, clip, vae = flux_loaders(g)
+    reference = detect_align(g, "align", load_faces(g))
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "portrait photo of a woman in a garden"}}
+    g["guid"] = {"type": "FluxGuidance", "inputs": {"conditioning": ("pos", 0), "guidance": 3.5}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    g["rb"] = {"type": "IDP_RBGuidanceGuider", "inputs": {
+        "model": model, "positive": ("guid", 0), "negative": ("neg", 0), "cfg": 1.0, "vae": vae, "p": 8.5, "u": 0.6,
+        "t0": 671, "feature_point": "auto", "reference": reference, "region_box": "0.3,0.15,0.7,0.6"},
+        "size": [360, 620]}
+    g["noise"] = {"type": "RandomNoise", "inputs": {"noise_seed": 42}}
+    g["ksel"] = {"type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["sigmas"] = {"type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple", "steps": 20,
+                                                        "denoise": 1.0}, "properties": small(steps=3)}
+    g["latent"] = {"type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["sample"] = {"type": "SamplerCustomAdvanced", "inputs": {"noise": ("noise", 0), "guider": ("rb", 0),
+                                                               "sampler": ("ksel", 0), "sigmas": ("sigmas", 0),
+                                                               "latent_image": ("latent", 0)}}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("sample", 0), "vae": vae}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": "flux_rb_guidance"}}
+    g["mgen"] = {"type": "IDP_RBGuidanceMaskPreview", "inputs": {"guider": ("rb", 0), "samples": ("sample", 0)}}
+    g["mgen_image"] = {"type": "MaskToImage", "inputs": {"mask": ("mgen", 0)}}
+    g["preview"] = {"type": "PreviewImage", "inputs": {"images": ("mgen_image", 0)}}
+    return g
+
+
 def wf_flashface_sd15():
     g = {"note": note("FlashFace (released SD1.5 weights) with a face position box. Models: flashface.ckpt from "
                       "HF shilongz/FlashFace-SD1.5 in models/flashface (convert it once to a deduplicated safetensors "
@@ -336,6 +368,7 @@ WORKFLOWS = {
     "face_metrics": wf_face_metrics,
     "sdxl_infinite_id": wf_sdxl_infinite_id,
     "sd15_rb_guidance_pivot": wf_sd15_rb_guidance,
+    "flux_rb_guidance": wf_flux_rb_guidance,
     "flashface_sd15_face_box": wf_flashface_sd15,
     "flux_training_free_reference_attention": wf_flux_reference_attention,
 }

@@ -1,4 +1,6 @@
-"""An embedded real ComfyUI (0.3.75, installed by scripts/install_comfy.sh), in-process: tests and the demo.
+"""An embedded real ComfyUI (installed by scripts/install_comfy.sh: 0.3.75, or the tree COMFY_SRC names), in-process.
+
+Used by the tests and the demo.
 
 Importing this module puts ComfyUI on sys.path, configures it for the CPU, loads ComfyUI's own nodes
 and then this pack exactly the way ComfyUI loads a custom node (``nodes.load_custom_node`` on a
@@ -10,6 +12,7 @@ no module of ours is loaded twice under two names.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -99,6 +102,19 @@ def run_workflow(prompt: dict, outputs=None):
         errs = [m for m in ex.status_messages if m[0] == "execution_error"]
         raise WorkflowError(f"execution failed: {errs}")
     return ex
+
+
+def node_output(ex, node_id: str, slot: int = 0):
+    """A node's output value from the executor's cache (what the next node received).
+
+    The cache's ``get`` is a coroutine on current ComfyUI (0.18+) and a plain call on 0.3.75.
+    """
+    entry = ex.caches.outputs.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    if entry is None:
+        raise KeyError(f"node {node_id} has no cached output")
+    return entry.outputs[slot][0]
 
 
 def output_file(subfolder_and_name: str) -> str:

@@ -34,19 +34,22 @@ def page(server):
         pg.idp_errors = []
         pg.on("console", lambda m: pg.idp_errors.append(f"console: {m.text} @ {m.location}") if m.type == "error" else None)
         pg.on("pageerror", lambda e: pg.idp_errors.append(f"pageerror: {e} {getattr(e, 'stack', '')}"))
-        pg.goto(server["url"], wait_until="networkidle", timeout=60000)
-        pg.wait_for_function("window.app && window.app.graph && window.__IDPORTRAIT_LOADED__", timeout=60000)
-        pg.wait_for_timeout(1500)     # the templates dialog of a fresh user opens shortly after load
+        # A fresh user dir gets a modal Templates dialog on first load (frontend 1.49: not a PrimeVue dialog; it
+        # swallows clicks) and a missing-models dialog over the canvas: settle both before the page loads.
+        _post_settings(server["url"], {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False})
+        pg.goto(server["url"], wait_until="networkidle", timeout=120000)
+        pg.wait_for_function("window.app && window.app.graph && window.__IDPORTRAIT_LOADED__", timeout=120000)
         clear_overlays(pg)
-        # a fresh user dir: no templates dialog, no missing-models dialog over the canvas in screenshots
-        pg.evaluate("""async () => {
-            const s = app.extensionManager?.setting;
-            if (!s) return;
-            for (const [k, v] of [["Comfy.TutorialCompleted", true], ["Comfy.Workflow.ShowMissingModelsWarning", false]])
-                try { await s.set(k, v); } catch (e) {}
-        }""")
         yield pg
         browser.close()
+
+
+def _post_settings(url, settings):
+    import urllib.request
+    req = urllib.request.Request(url + "/settings", data=json.dumps(settings).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
 
 
 def stand_in_ui(base):

@@ -56,7 +56,7 @@ def _photo(name: str) -> tuple[str, np.ndarray, int]:
 
 def out(ex, node_id: str, slot: int = 0):
     """A node's output value from the executor's cache (what the next node received)."""
-    return ex.caches.outputs.get(node_id).outputs[slot][0]
+    return harness.node_output(ex, node_id, slot)
 
 
 def ui_text(ex, node_id: str) -> str:

@@ -18,6 +18,7 @@ from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
 from idportrait.guidance import rb_energy as rb
 from idportrait.guidance import rb_guidance as RG
+from idportrait.guidance.differentiable import comfy_training_mode
 from idportrait.nodes import tiny_models as tm
 from test_ip_adapter import _adapter, _tokens
 
@@ -118,7 +119,8 @@ def test_autograd_through_inference_weights_and_in_place_blocks(family):
     m64.model.diffusion_model.double()
     d = torch.randn(x.shape, generator=g, dtype=torch.float64)
     eps = 1e-4
-    with torch.no_grad():
+    # (comfy_training_mode: current ComfyUI's fused FLUX RoPE has no float64 kernel; its torch path is the same math)
+    with torch.no_grad(), comfy_training_mode():
         f = lambda v: (_full_forward(m64, family, v, t.double()) * w.double()).sum()   # noqa: E731
         fd = (f(x.double() + eps * d) - f(x.double() - eps * d)) / (2 * eps)
     torch.testing.assert_close((grad.double() * d).sum(), fd, rtol=2e-3, atol=1e-5)
@@ -279,6 +281,48 @@ def test_guidance_decreases_energy_over_the_guided_steps(case):
     # the sign matters: following +grad E instead raises the energy (so this test can fail)
     wrong = _energies(model, vae, family, apply=True, scale=-1.0)
     assert torch.all(wrong[1:] > free[1:]), (wrong - free).tolist()
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_comfy_training_flag_is_on_only_in_the_gradient_pass_and_restored_after_success_and_error(monkeypatch, old):
+    """Current ComfyUI takes its differentiable FLUX kernels only while model_management.in_training is set.
+
+    The guider sets it for its own gradient forward only (the sampler's plain steps keep the fused kernels)
+    and puts back the value it found, also when the guided step raises. 0.3.75 has no such flag: there
+    the same contract is checked on a flag the test adds (the pack must never create it itself).
+    """
+    import comfy.model_management as mm
+    native = hasattr(mm, "in_training")
+    if not native:
+        run_plain = _models("flux")
+        assert not hasattr(mm, "in_training")       # a guided run on 0.3.75 does not invent the flag
+        _run(_rb(*run_plain, [_ident(region_mask=LEFT)], p=8.5, u=1.0), run_plain[0], "flux", steps=2)
+        assert not hasattr(mm, "in_training")
+    monkeypatch.setattr(mm, "in_training", old, raising=False)
+    model, vae = _models("flux")
+    seen, fail = [], []
+
+    def double_0(args, extra):        # a foreign block patch: the pack chains it, it runs in every forward
+        seen.append((torch.is_grad_enabled(), mm.in_training))
+        if fail and torch.is_grad_enabled():
+            raise RuntimeError("boom in the gradient pass")
+        return extra["original_block"](args)
+
+    m = model.clone()
+    m.set_model_patch_replace(double_0, "dit", "double_block", 0)
+    _run(_rb(m, vae, [_ident(region_mask=LEFT)], p=8.5, u=1.0), m, "flux", steps=3)
+    grad_calls = [flag for grad, flag in seen if grad]
+    plain_calls = [flag for grad, flag in seen if not grad]
+    assert len(grad_calls) == 3 and grad_calls == [True] * 3          # one gradient forward per guided step
+    assert plain_calls and plain_calls == [old] * len(plain_calls)     # reference pass and plain CFG as found
+    assert mm.in_training is old
+
+    seen.clear()
+    fail.append(True)
+    with pytest.raises(RuntimeError, match="boom in the gradient pass"):
+        _run(_rb(m, vae, [_ident(region_mask=LEFT)], p=8.5, u=1.0), m, "flux", steps=3)
+    assert [flag for grad, flag in seen if grad] == [True]
+    assert mm.in_training is old
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])

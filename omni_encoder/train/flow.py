@@ -35,6 +35,7 @@ import comfy.model_sampling
 import comfy.patcher_extension
 
 from ...guidance import ip_adapter as ipa
+from ...guidance.differentiable import comfy_training_mode
 from ...guidance.patching import apply_injector, unet_attention_module
 from .data import first_identity, generator, sample_seed
 from .trunk import checkpoint_modules, ensure_trainable_tensors, protect_inplace
@@ -390,7 +391,8 @@ class DiffusionDecoder:
         to["sigmas"] = sigma
         to["cond_or_uncond"] = [0]
         self.capture.out = None
-        self.patched.model.apply_model(x_t, sigma, transformer_options=to, **conds)
+        with comfy_training_mode():   # ComfyUI's differentiable kernels (FLUX RoPE on current ComfyUI)
+            self.patched.model.apply_model(x_t, sigma, transformer_options=to, **conds)
         out = self.capture.out
         self.capture.out = None
         if out is None:

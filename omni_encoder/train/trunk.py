@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...guidance.differentiable import comfy_training_mode
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -111,7 +113,13 @@ def checkpoint_modules(modules: Iterable[nn.Module], inplace: bool = False) -> i
 def _run_checkpointed(orig, *args, **kwargs):
     if not torch.is_grad_enabled():
         return orig(*args, **kwargs)
-    return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+    return checkpoint(_in_training_mode, orig, *args, use_reentrant=False, **kwargs)
+
+
+def _in_training_mode(orig, *args, **kwargs):
+    # the recomputation runs during backward, outside the forward's comfy_training_mode block
+    with comfy_training_mode():
+        return orig(*args, **kwargs)
 
 
 def _run_inplace(orig, *args, **kwargs):
@@ -130,7 +138,7 @@ def _run_inplace(orig, *args, **kwargs):
                 a[i] = t
             else:
                 k[i] = t
-        with protect_inplace(ts):
+        with protect_inplace(ts), comfy_training_mode():
             return orig(*a, **k)
 
     import warnings
