@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import detect, evaluate
-from .types import uint8_to_image
+from .types import FaceError, uint8_to_image
 
 log = logging.getLogger("face.cli")
 
@@ -95,7 +95,7 @@ def omniportrait_prompts(subject: str = "woman", category: Optional[str] = None)
     cats = [category] if category else list(OMNIPORTRAIT_PROMPTS)
     for c in cats:
         if c not in OMNIPORTRAIT_PROMPTS:
-            raise ValueError(f"unknown category {c!r}; one of {list(OMNIPORTRAIT_PROMPTS)}")
+            raise FaceError(f"unknown category {c!r}; one of {list(OMNIPORTRAIT_PROMPTS)}")
     return [p.format(subject=subject) for c in cats for p in OMNIPORTRAIT_PROMPTS[c]]
 
 
@@ -146,11 +146,11 @@ def prompts_for_files(files: Sequence[str], prompts: Sequence[str], images_per_p
         idx = [int(m.group(1)) for m in nums]
         bad = [n for n, i in zip(names, idx) if i >= len(prompts)]
         if bad:
-            raise ValueError(f"{bad[0]}: prompt number out of range (have {len(prompts)} prompts)")
+            raise FaceError(f"{bad[0]}: prompt number out of range (have {len(prompts)} prompts)")
         return [prompts[i] for i in idx]
     k = images_per_prompt or (len(files) // len(prompts) if len(files) % len(prompts) == 0 else 0)
     if not k or len(files) != k * len(prompts):
-        raise ValueError(f"cannot pair {len(files)} images with {len(prompts)} prompts: name the files "
+        raise FaceError(f"cannot pair {len(files)} images with {len(prompts)} prompts: name the files "
                          f"'<prompt number>_...png' or give --images-per-prompt so images = prompts x k")
     return [prompts[i // k] for i in range(len(files))]
 

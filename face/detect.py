@@ -19,7 +19,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from .types import BackendUnavailable, FaceDetection, image_to_uint8
+from .types import FaceError, BackendUnavailable, FaceDetection, image_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def order_faces(faces: Sequence[FaceDetection], order: str = "largest") -> list[
         "score": lambda f: -f.score,
     }
     if order not in keys:
-        raise ValueError(f"unknown face order {order!r}; choose one of {SELECT_ORDERS}")
+        raise FaceError(f"unknown face order {order!r}; choose one of {SELECT_ORDERS}")
     return sorted(faces, key=keys[order])
 
 

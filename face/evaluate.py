@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import align, detect, landmarks, metrics
-from .types import BackendUnavailable, FaceDetection
+from .types import FaceError, BackendUnavailable, FaceDetection
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _prompts_for(prompts: Optional[Sequence[str]], n: int) -> Optional[list[str]
     if len(prompts) == 1:
         return prompts * n
     if len(prompts) != n:
-        raise ValueError(f"got {len(prompts)} prompts for {n} generated images: give one prompt for all "
+        raise FaceError(f"got {len(prompts)} prompts for {n} generated images: give one prompt for all "
                          f"images or exactly one per image")
     return prompts
 
@@ -162,14 +162,14 @@ def evaluate(generated: ImagesLike, references: ImagesLike, emb: Embedders, targ
     progress(done, total) and check_interrupt() are called between steps (ComfyUI progress and Cancel).
     """
     if missing_face not in ("exclude", "zero"):
-        raise ValueError("missing_face must be 'exclude' or 'zero'")
+        raise FaceError("missing_face must be 'exclude' or 'zero'")
     gen, refs, tgt = as_image_list(generated), as_image_list(references), as_image_list(target)
     if not gen:
-        raise ValueError("no generated images")
+        raise FaceError("no generated images")
     if not refs:
-        raise ValueError("no reference images")
+        raise FaceError("no reference images")
     if tgt and len(tgt) not in (1, len(gen)):
-        raise ValueError(f"give one target image or one per generated image ({len(gen)}), got {len(tgt)}")
+        raise FaceError(f"give one target image or one per generated image ({len(gen)}), got {len(tgt)}")
     prompt_list = _prompts_for(prompts, len(gen))
     n = len(gen)
     total = len(gen) + len(refs) + len(tgt) + 4
@@ -191,9 +191,9 @@ def evaluate(generated: ImagesLike, references: ImagesLike, emb: Embedders, targ
         if missing:
             notes.append(f"no face found in {kind} image(s) {missing}; they are left out")
     if tgt and all(f is None for f in tgt_faces):
-        raise ValueError("no face found in the target image(s)")
+        raise FaceError("no face found in the target image(s)")
     if all(f is None for f in ref_faces):
-        raise ValueError("no face found in any reference image")
+        raise FaceError("no face found in any reference image")
     values: dict[str, np.ndarray] = {}
     gi, gcrop = _crops(gen, gen_faces, ID_SIZE)
     ri, rcrop = _crops(refs, ref_faces, ID_SIZE)
@@ -257,7 +257,7 @@ def evaluate(generated: ImagesLike, references: ImagesLike, emb: Embedders, targ
                 img_emb = torch.cat([emb.clip_image(im) for im in gen])
                 txt_emb = emb.clip_text(prompt_list)
                 if img_emb.shape[-1] != txt_emb.shape[-1]:
-                    raise ValueError(f"CLIP image embeddings have {img_emb.shape[-1]} dims but text embeddings "
+                    raise FaceError(f"CLIP image embeddings have {img_emb.shape[-1]} dims but text embeddings "
                                      f"{txt_emb.shape[-1]}: use the text encoder that belongs to the CLIP vision "
                                      f"model (e.g. clip_l with CLIP ViT-L/14)")
                 values["clip_t"] = metrics.clip_t(img_emb, txt_emb).cpu().numpy()

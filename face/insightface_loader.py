@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from .types import BackendUnavailable
+from .types import BackendUnavailable, FaceError, ModelFilesMissing
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ PROVIDER_ALIASES = {
 }
 
 
-class InsightFaceModelsMissing(FileNotFoundError):
+class InsightFaceModelsMissing(ModelFilesMissing):
     """The model folder or some of its expected ONNX files are absent."""
 
 
@@ -178,7 +178,7 @@ def load_insightface(models_root: str, name: str = "antelopev2", provider: Union
     try:
         app = FaceAnalysis(**kwargs)
     except AssertionError as e:   # insightface asserts 'detection' in self.models
-        raise RuntimeError(f"no face detector among the ONNX files in {folder}: "
+        raise InsightFaceModelsMissing(f"no face detector among the ONNX files in {folder}: "
                            f"{sorted(os.listdir(folder))}") from e
     ctx_id = 0 if providers[0] != "CPUExecutionProvider" else -1
     app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=det_size)
@@ -199,12 +199,13 @@ def arcface_embeddings(pack: InsightFacePack, crops, normalize: bool = True):
 
     rec = pack.model("recognition")
     if rec is None:
-        raise RuntimeError(f"insightface pack {pack.name} at {pack.folder} has no recognition model")
+        raise FaceError(f"insightface pack {pack.name} at {pack.folder} has no recognition model: add its ArcFace file "
+                        "(antelopev2: glintr100.onnx, buffalo_l: w600k_r50.onnx)")
     if crops.shape[0] == 0:
         return torch.zeros(0, 512)
     h, w = int(crops.shape[1]), int(crops.shape[2])
     if (h, w) != tuple(rec.input_size[::-1]):
-        raise ValueError(f"recognition model wants {rec.input_size} crops, got {w}x{h}: align with size=112")
+        raise FaceError(f"recognition model wants {rec.input_size} crops, got {w}x{h}: align with size=112")
     arr = (crops[..., :3].detach().to("cpu", torch.float32).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
     feats = rec.get_feat([np.ascontiguousarray(a[..., ::-1]) for a in arr])   # insightface wants BGR
     emb = torch.from_numpy(np.asarray(feats, np.float32)).reshape(arr.shape[0], -1)

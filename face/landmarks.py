@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .types import BackendUnavailable, FaceDetection, image_to_uint8
+from .types import FaceError, BackendUnavailable, FaceDetection, image_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def add_landmarks(images: torch.Tensor, faces_per_image: Sequence[Sequence[FaceD
     the rest; 'mediapipe' always recomputes with mediapipe; 'existing' only keeps what is there.
     """
     if backend not in ("auto", "mediapipe", "existing"):
-        raise ValueError(f"unknown landmark backend {backend!r}")
+        raise FaceError(f"unknown landmark backend {backend!r}")
     if backend == "existing":
         return [list(r) for r in faces_per_image]
     need = [[f for f in row if backend == "mediapipe" or f.landmarks is None] for row in faces_per_image]
@@ -127,11 +127,11 @@ def head_frame(points3d: np.ndarray, kind: str) -> np.ndarray:
     """3x3 rotation whose columns are the face's right (image-left eye -> image-right eye), down
     (brows -> chin) and backward axes, in camera coordinates (pixels; z in the x scale)."""
     if kind not in _POSE_POINTS:
-        raise ValueError(f"pose needs 3-D landmarks of kind {sorted(_POSE_POINTS)}, got {kind!r}")
+        raise FaceError(f"pose needs 3-D landmarks of kind {sorted(_POSE_POINTS)}, got {kind!r}")
     idx = _POSE_POINTS[kind]
     p = np.asarray(points3d, np.float64)
     if p.ndim != 2 or p.shape[1] != 3:
-        raise ValueError(f"expected [N,3] landmarks, got {p.shape}")
+        raise FaceError(f"expected [N,3] landmarks, got {p.shape}")
     x = p[idx["eye_r"]].mean(0) - p[idx["eye_l"]].mean(0)
     down = p[idx["chin"]].mean(0) - p[idx["top"]].mean(0)
     x /= max(np.linalg.norm(x), 1e-9)

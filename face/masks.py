@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .types import FaceDetection
+from .types import FaceError, FaceDetection
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:
@@ -64,9 +64,9 @@ def face_polygon(face: FaceDetection, source: str = "auto") -> np.ndarray:
     """The outline used for a face's mask: landmark hull ('landmarks'), box ellipse ('box'), or
     'auto' (hull when the face has dense landmarks, else the ellipse)."""
     if source not in ("auto", "landmarks", "box"):
-        raise ValueError(f"unknown mask source {source!r}")
+        raise FaceError(f"unknown mask source {source!r}")
     if source == "landmarks" and face.landmarks is None:
-        raise ValueError("face has no dense landmarks; run landmarks.add_landmarks first or use source='box'")
+        raise FaceError("face has no dense landmarks; run landmarks.add_landmarks first or use source='box'")
     if source != "box" and face.landmarks is not None:
         return convex_hull(face.landmarks[:, :2])
     return ellipse_polygon(face.bbox)

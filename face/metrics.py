@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from .types import FaceError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def flashface_scores(generated: ArrayLike, target: ArrayLike, references: ArrayL
     elif refs.ndim == 3:
         sims = cosine_similarity(g.unsqueeze(1), refs)      # [N,R]
     else:
-        raise ValueError(f"references must be [R,D] or [N,R,D], got {tuple(refs.shape)}")
+        raise FaceError(f"references must be [R,D] or [N,R,D], got {tuple(refs.shape)}")
     sim_ref = sims.max(-1).values
     paste = sim_ref - sim_target
     out = {"sim_target": sim_target, "sim_ref": sim_ref, "paste": paste}
@@ -85,7 +86,7 @@ def pose_error(pose_a: ArrayLike, pose_b: ArrayLike) -> torch.Tensor:
     """
     a, b = _t(pose_a), _t(pose_b)
     if a.shape[-1] != 3 or b.shape[-1] != 3:
-        raise ValueError("poses must be (yaw, pitch, roll) triples")
+        raise FaceError("poses must be (yaw, pitch, roll) triples")
     return _wrap_deg(a - b).abs().sum(-1)
 
 
@@ -116,14 +117,14 @@ def zscore_combination(metrics: Mapping[str, ArrayLike], lower_is_better: Sequen
     score is always better. Returns [M].
     """
     if not metrics:
-        raise ValueError("no metrics given")
+        raise FaceError("no metrics given")
     rows = []
     for name, v in metrics.items():
         z = zscore(v, ddof=ddof)
         rows.append(-z if name in lower_is_better else z)
     lengths = {r.shape[-1] for r in rows}
     if len(lengths) != 1:
-        raise ValueError(f"every metric needs one value per method; got lengths {sorted(lengths)}")
+        raise FaceError(f"every metric needs one value per method; got lengths {sorted(lengths)}")
     return torch.stack(rows).mean(0)
 
 

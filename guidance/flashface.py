@@ -57,6 +57,7 @@ import comfy.samplers
 import comfy.supported_models
 from comfy.ldm.modules.attention import CrossAttention, optimized_attention
 
+from ..errors import FlashFaceError, FlashFaceMemoryError
 from . import flashface_checkpoint as ffc
 from . import flashface_keys as fk
 from .patching import COND, MODEL_KEY, ROLES_KEY, UNCOND, Injector, apply_injector, model_family, unet_block_keys
@@ -80,14 +81,6 @@ TF_BLOCKS = ("decoder", "all")
 
 FIX_NOT_FLASHFACE = ("load flashface.ckpt (or its converted copy) with 'FlashFace Loader (IDP)', or use "
                      "'FlashFace Training-free Apply (IDP)' for other SD1.5/SDXL/FLUX models")
-
-
-class FlashFaceError(ValueError):
-    pass
-
-
-class FlashFaceMemoryError(RuntimeError):
-    pass
 
 
 # --- references --------------------------------------------------------------------------------

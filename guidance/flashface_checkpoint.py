@@ -27,6 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+try:
+    from ..errors import FlashFaceCheckpointError
+except ImportError:   # run as `python -m guidance.flashface_checkpoint` from the repository root: guidance/ is a top-level package there
+    from errors import FlashFaceCheckpointError
 from . import flashface_keys as fk
 
 log = logging.getLogger(__name__)
@@ -36,10 +40,6 @@ FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SOURCE_HINT = ("Use the released flashface.ckpt (huggingface.co/shilongz/FlashFace-SD1.5) or a file made from it "
                "by `python -m guidance.flashface_checkpoint flashface.ckpt OUT.safetensors --dtype fp16`.")
-
-
-class FlashFaceCheckpointError(ValueError):
-    pass
 
 
 class Geometry(NamedTuple):

@@ -34,6 +34,11 @@ import logging
 import sys
 from typing import Iterator, NamedTuple
 
+try:
+    from ..errors import FlashFaceCheckpointError
+except ImportError:   # run as `python -m guidance.flashface_keys` from the repository root: guidance/ is a top-level package there
+    from errors import FlashFaceCheckpointError
+
 log = logging.getLogger(__name__)
 
 COMFY_PREFIX = "model.diffusion_model."  # what ComfyUI puts before these names in a full checkpoint
@@ -56,7 +61,7 @@ _ATTN_LEVELS = (0, 1, 2)
 _SD15_CHANNELS, _SD15_CONTEXT = 320, 768
 
 
-class UnknownKeyError(ValueError):
+class UnknownKeyError(FlashFaceCheckpointError):
     """A key that is not part of FlashFace's RefStableUNet layout."""
 
 

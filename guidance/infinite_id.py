@@ -57,6 +57,7 @@ from ..omni_encoder import mixing
 from . import ip_adapter as ipa
 from .patching import (STREAMS_KEY, CallContext, Injector, apply_injector, chain_attention_override, current_layer,
                        model_family, row_mask, stream_layout, stream_pairs, stream_rows, unet_block_keys)
+from ..errors import InfiniteIDError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def identity_bias(n_id: int, n_total: int, weight: float, like: torch.Tensor) ->
     if weight == 1.0:
         return None
     if weight <= 0:
-        raise ValueError(f"the mixed-attention weight must be > 0 here (0 skips mixed attention), got {weight}")
+        raise InfiniteIDError(f"the mixed-attention weight must be > 0 here (0 skips mixed attention), got {weight}")
     bias = torch.zeros(1, 1, 1, n_total, dtype=like.dtype, device=like.device)
     bias[..., :n_id] = math.log(weight)
     return bias
@@ -130,7 +131,7 @@ def combine_identities(a: torch.Tensor, b: Optional[torch.Tensor] = None, mode: 
     if mode == "stack":
         return mixing.stack_identities([a, b])
     if mode != "interpolate":
-        raise ValueError(f"identity mixing must be 'interpolate' or 'stack', got {mode!r}")
+        raise InfiniteIDError(f"identity mixing must be 'interpolate' or 'stack', got {mode!r}")
     return mixing.mix_identities([a, b], [1.0 - weight_b, weight_b])
 
 
@@ -163,16 +164,16 @@ def parse_blocks(spec: str, keys: list) -> Optional[set]:
             continue
         m = re.fullmatch(r"([a-z]+)(?:_(\d+)(?:-(\d+))?)?(?:_(\d+))?", item)
         if not m or m.group(1) not in groups:
-            raise ValueError(f"unknown block {item!r}: use 'all', 'none' or items like {', '.join(groups)}, "
+            raise InfiniteIDError(f"unknown block {item!r}: use 'all', 'none' or items like {', '.join(groups)}, "
                              f"{groups[0]}_1, {groups[0]}_0-3" + (", output_3_1" if "output" in groups else ""))
         name, lo, hi, index = m.group(1), m.group(2), m.group(3), m.group(4)
         if hi is not None and index is not None:
-            raise ValueError(f"block {item!r}: a range cannot also name a transformer index")
+            raise InfiniteIDError(f"block {item!r}: a range cannot also name a transformer index")
         sel = [k for k in keys if k[0] == name
                and (lo is None or int(lo) <= k[1] <= int(hi if hi is not None else lo))
                and (index is None or (len(k) > 2 and k[2] == int(index)))]
         if not sel:
-            raise ValueError(f"block {item!r} matches no attention block of this model "
+            raise InfiniteIDError(f"block {item!r} matches no attention block of this model "
                              f"({name} ids: {sorted({k[1] for k in keys if k[0] == name})})")
         chosen.update(sel)
     return chosen
@@ -195,16 +196,16 @@ class InfiniteIDInjector(Injector):
         super().__init__()   # hooks run at every step on every row; the window below is for the coupling
         ipa.check_tokens_fit(adapter, tokens)
         if tokens.ndim == 3 and tokens.shape[0] > 1:
-            raise ValueError(f"this identity holds {tokens.shape[0]} identities; Infinite-ID takes one: mix two with "
+            raise InfiniteIDError(f"this identity holds {tokens.shape[0]} identities; Infinite-ID takes one: mix two with "
                              "identity_2 (interpolate or stack) or 'Mix Identities (IDP)'")
         if not 0.0 <= start_percent <= end_percent <= 1.0:
-            raise ValueError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
+            raise InfiniteIDError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
         if apply_to not in ("cond", "both"):
-            raise ValueError(f"apply_to must be 'cond' or 'both', got {apply_to!r}")
+            raise InfiniteIDError(f"apply_to must be 'cond' or 'both', got {apply_to!r}")
         if adain not in ADAIN_MODES:
-            raise ValueError(f"adain must be one of {ADAIN_MODES}, got {adain!r}")
+            raise InfiniteIDError(f"adain must be one of {ADAIN_MODES}, got {adain!r}")
         if mix_weight < 0:
-            raise ValueError(f"the mixed-attention weight must be >= 0 (0 = off), got {mix_weight}")
+            raise InfiniteIDError(f"the mixed-attention weight must be >= 0 (0 = off), got {mix_weight}")
         # the identity adapter: its keys/values of the identity tokens, cached once per site/device/dtype
         self.identity = ipa.IdentityInjector(adapter, tokens, family, weight=1.0)
         self.family = family
@@ -549,12 +550,12 @@ def apply_infinite_id(model, adapter, tokens: torch.Tensor, identity_weight: flo
     """A clone of ``model`` (ModelPatcher) that samples Infinite-ID's two streams (see the module doc)."""
     family = model_family(model)
     if family not in ("sd15", "sdxl", "flux", "unet"):
-        raise ValueError(f"Infinite-ID patches SD1.5/SDXL UNets or FLUX; this MODEL is {type(model.model).__name__}")
+        raise InfiniteIDError(f"Infinite-ID patches SD1.5/SDXL UNets or FLUX; this MODEL is {type(model.model).__name__}")
     if any(isinstance(i, InfiniteIDInjector) for i in current_layer(model).injectors):
-        raise ValueError("Infinite-ID is already applied to this model: apply it once (mix identities with the "
+        raise InfiniteIDError("Infinite-ID is already applied to this model: apply it once (mix identities with the "
                          "identity_2 input)")
     if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        raise InfiniteIDError(f"output must be one of {OUTPUTS}, got {output!r}")
     inj = InfiniteIDInjector(adapter, tokens, "flux" if family == "flux" else "unet",
                              identity_weight=identity_weight, mix_weight=mix_weight, merge_weight=merge_weight,
                              adain=adain, mix_blocks=parse_blocks(blocks, all_block_keys(model)),

@@ -31,6 +31,7 @@ import comfy.ops
 from comfy.ldm.modules.attention import optimized_attention
 
 from .patching import CallContext, Injector, unet_block_keys
+from ..errors import OmniIDError
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,11 @@ def convert_public_ip_adapter(sd: dict, diffusion_model) -> dict:
         if m:
             n = int(m.group(1))
             if n % 2 != 1 or (n - 1) // 2 >= len(order):
-                raise ValueError(f"IP-Adapter key {name} does not fit this UNet ({len(order)} cross-attention layers): "
+                raise OmniIDError(f"IP-Adapter key {name} does not fit this UNet ({len(order)} cross-attention layers): "
                                  "the file is for another architecture (SD1.5 vs SDXL)")
             out[f"attn2.{sd_key_name(order[(n - 1) // 2])}.{m.group(2)}.weight"] = t
             continue
-        raise ValueError(f"unexpected key {name!r}: not an IP-Adapter (image_proj/ip_adapter) state dict")
+        raise OmniIDError(f"unexpected key {name!r}: not an IP-Adapter (image_proj/ip_adapter) state dict")
     return out
 
 
@@ -117,7 +118,7 @@ def _rows_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     if t.shape[0] == batch:
         return t
     if batch % t.shape[0]:
-        raise ValueError(f"{t.shape[0]} identities cannot be spread over a batch of {batch}")
+        raise OmniIDError(f"{t.shape[0]} identities cannot be spread over a batch of {batch}")
     return t.repeat(batch // t.shape[0], 1, 1)
 
 
@@ -274,10 +275,10 @@ def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
             a = SDIdentityAdapter(token_dim, context_dim, inner)
             a.load_state_dict(sd, strict=True)
     except KeyError as e:
-        raise ValueError(f"the identity weights are incomplete: missing {e}; the file is damaged or not an "
+        raise OmniIDError(f"the identity weights are incomplete: missing {e}; the file is damaged or not an "
                          f"identity-adapter file for {family}") from None
     except RuntimeError as e:   # load_state_dict's own report of missing/unexpected keys and shapes
-        raise ValueError(f"the identity weights do not form a {family} adapter: {str(e)[:400]}") from None
+        raise OmniIDError(f"the identity weights do not form a {family} adapter: {str(e)[:400]}") from None
     return a.eval()
 
 
@@ -294,7 +295,7 @@ def check_tokens_fit(adapter: nn.Module, tokens: torch.Tensor) -> None:
     """Tokens from another encoder would only fail deep inside the sampler: say so when the model is patched."""
     want = adapter_token_width(adapter)
     if want is not None and tokens.shape[-1] != want:
-        raise ValueError(f"this identity has tokens of width {tokens.shape[-1]} but these identity weights take width "
+        raise OmniIDError(f"this identity has tokens of width {tokens.shape[-1]} but these identity weights take width "
                          f"{want}: encode the faces with the same Omni-ID / IP-Adapter model you apply")
 
 
@@ -302,23 +303,23 @@ def check_adapter_fits(adapter: nn.Module, family: str, diffusion_model) -> None
     """Raise a ValueError naming the mismatch when an adapter was made for another architecture."""
     if family == "flux":
         if not isinstance(adapter, FluxIdentityAdapter):
-            raise ValueError("these identity weights are for a UNet (SD1.5/SDXL) model, not FLUX: load the flux file")
+            raise OmniIDError("these identity weights are for a UNet (SD1.5/SDXL) model, not FLUX: load the flux file")
         want = {f"double_{i}" for i in range(len(diffusion_model.double_blocks))} | \
                {f"single_{i}" for i in range(len(diffusion_model.single_blocks))}
         hidden = adapter.blocks[next(iter(adapter.blocks))].to_k_ip.weight.shape[0]
         if set(adapter.blocks) != want or hidden != diffusion_model.hidden_size:
-            raise ValueError(f"identity weights for a FLUX model with {len(adapter.blocks)} blocks of width {hidden} do not "
+            raise OmniIDError(f"identity weights for a FLUX model with {len(adapter.blocks)} blocks of width {hidden} do not "
                              f"match this FLUX model ({len(want)} blocks of width {diffusion_model.hidden_size})")
         return
     if not isinstance(adapter, SDIdentityAdapter):
-        raise ValueError("these identity weights are for a FLUX model, not a UNet (SD1.5/SDXL): load the sd15/sdxl file")
+        raise OmniIDError("these identity weights are for a FLUX model, not a UNet (SD1.5/SDXL): load the sd15/sdxl file")
     dims = SDIdentityAdapter.inner_dims_of(diffusion_model)
     have = {k: adapter.attn2[sd_key_name(k)].to_k_ip.weight.shape[0] for k in dims if sd_key_name(k) in adapter.attn2}
     if have != dims or len(adapter.attn2) != len(dims):
-        raise ValueError(f"identity weights made for a UNet with {len(adapter.attn2)} cross-attention layers do not match "
+        raise OmniIDError(f"identity weights made for a UNet with {len(adapter.attn2)} cross-attention layers do not match "
                          f"this model ({len(dims)} layers): they are for another architecture (SD1.5 vs SDXL)")
     from .patching import unet_attention_module
     ctx_dim = unet_attention_module(diffusion_model, next(iter(dims)), "attn2").to_k.weight.shape[1]
     if adapter.image_proj[2].weight.shape[0] != ctx_dim:
-        raise ValueError(f"identity weights project to a text context of width {adapter.image_proj[2].weight.shape[0]}, "
+        raise OmniIDError(f"identity weights project to a text context of width {adapter.image_proj[2].weight.shape[0]}, "
                          f"this model's is {ctx_dim}")

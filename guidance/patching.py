@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
+from ..errors import PatchingError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int, chunks:
     per = batch // chunks if chunks > 0 and batch % chunks == 0 else batch
     if m.shape[0] != 1:
         if m.shape[0] != per:
-            raise ValueError(f"{m.shape[0]} masks for {per} latent image(s): connect one mask, or one per latent image")
+            raise PatchingError(f"{m.shape[0]} masks for {per} latent image(s): connect one mask, or one per latent image")
         m = m.repeat(batch // per, 1, 1)
     return m
 
@@ -283,9 +284,9 @@ class Injector:
     def __init__(self, start_percent: float = 0.0, end_percent: float = 1.0, apply_to: str = "both",
                  blocks: Optional[Iterable] = None):
         if not 0.0 <= start_percent <= end_percent <= 1.0:
-            raise ValueError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
+            raise PatchingError(f"need 0 <= start_percent ({start_percent}) <= end_percent ({end_percent}) <= 1")
         if apply_to not in APPLY_TO:
-            raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+            raise PatchingError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
         self.start_percent, self.end_percent, self.apply_to = start_percent, end_percent, apply_to
         self.blocks = None if blocks is None else {tuple(b) for b in blocks}
         self.sigma_start, self.sigma_end = math.inf, 0.0
@@ -536,7 +537,7 @@ def apply_injector(model, injector: Injector):
     m = model.clone()
     family = model_family(m)
     if family == "other":
-        raise ValueError("this node patches SD1.5/SDXL UNet or FLUX models; the connected MODEL is neither "
+        raise PatchingError("this node patches SD1.5/SDXL UNet or FLUX models; the connected MODEL is neither "
                          f"({type(m.model).__name__})")
     injector.bind(m.get_model_object("model_sampling"))
     old = current_layer(m)

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ..errors import RBGuidanceError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def refine_mask(attn_map: torch.Tensor, gamma: int = GAMMA, alpha: float = ALPHA
     The loop is kept anyway so that the code reads like the equation.
     """
     if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+        raise RBGuidanceError(f"gamma must be >= 0, got {gamma}")
     x = attn_map
     for _ in range(gamma):
         x = minmax_normalize(x).pow(alpha)
@@ -76,7 +77,7 @@ def _self_attn_matrix(self_attn: torch.Tensor, n: int) -> torch.Tensor:
     if self_attn.dim() == 4:
         self_attn = self_attn.mean(dim=1)
     if self_attn.dim() != 3 or self_attn.shape[-1] != n or self_attn.shape[-2] != n:
-        raise ValueError(f"self_attn must be (B, {n}, {n}) or (B, heads, {n}, {n}); got {tuple(self_attn.shape)}")
+        raise RBGuidanceError(f"self_attn must be (B, {n}, {n}) or (B, heads, {n}, {n}); got {tuple(self_attn.shape)}")
     return self_attn
 
 
@@ -101,7 +102,7 @@ def refined_attention_map(cross_attn: torch.Tensor, self_attn: torch.Tensor | No
     shrink R and adds no structure, so we do not read it that way.
     """
     if cross_attn.dim() != 3:
-        raise ValueError(f"cross_attn must be (B, H, W); got {tuple(cross_attn.shape)}")
+        raise RBGuidanceError(f"cross_attn must be (B, H, W); got {tuple(cross_attn.shape)}")
     refined = refine_mask(cross_attn, gamma=gamma, alpha=alpha)
     if self_attn is None:
         return refined
@@ -124,14 +125,14 @@ def propagate_by_self_attention(refined: torch.Tensor, qk: Sequence[tuple[torch.
     Returns (B, H, W), equal to ``refined_attention_map(cross, mean_softmax)`` when R = refine(cross).
     """
     if refined.dim() != 3:
-        raise ValueError(f"refined must be (B, H, W); got {tuple(refined.shape)}")
+        raise RBGuidanceError(f"refined must be (B, H, W); got {tuple(refined.shape)}")
     if not qk:
-        raise ValueError("need at least one (q, k) pair")
+        raise RBGuidanceError("need at least one (q, k) pair")
     b, h, w = refined.shape
     acc = None
     for q, k in qk:
         if q.dim() != 4 or q.shape[2] != h * w or k.shape[:3] != q.shape[:3]:
-            raise ValueError(f"q/k must be (B, heads, {h * w}, d); got {tuple(q.shape)} / {tuple(k.shape)}")
+            raise RBGuidanceError(f"q/k must be (B, heads, {h * w}, d); got {tuple(q.shape)} / {tuple(k.shape)}")
         # float32: the map is thresholded at beta, and half-precision softmax sums drift by ~1e-3.
         qf, kf = q.float(), k.float()
         v = refined.reshape(refined.shape[0], 1, h * w, 1).to(qf).expand(q.shape[0], q.shape[1], h * w, 1)
@@ -168,7 +169,7 @@ def resize_mask(mask: torch.Tensor, size: Sequence[int], threshold: float | None
     squeeze = mask.dim() == 2
     m = mask[None] if squeeze else mask
     if m.dim() != 3:
-        raise ValueError(f"mask must be (B, H, W) or (H, W); got {tuple(mask.shape)}")
+        raise RBGuidanceError(f"mask must be (B, H, W) or (H, W); got {tuple(mask.shape)}")
     if not m.is_floating_point():
         m = m.float()
     if tuple(m.shape[-2:]) != size:
@@ -225,15 +226,15 @@ def match_features(gen_feat: torch.Tensor, ref_feat: torch.Tensor, gen_mask: tor
     gradient mask in ``rb_energy_grad``.
     """
     if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"metric must be 'cosine' or 'euclidean'; got {metric!r}")
+        raise RBGuidanceError(f"metric must be 'cosine' or 'euclidean'; got {metric!r}")
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+        raise RBGuidanceError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     if gen_feat.dim() != 4 or ref_feat.dim() != 4:
-        raise ValueError("gen_feat and ref_feat must be (B, C, h, w)")
+        raise RBGuidanceError("gen_feat and ref_feat must be (B, C, h, w)")
     if gen_feat.shape[1] != ref_feat.shape[1]:
-        raise ValueError(f"channel mismatch: gen {gen_feat.shape[1]} vs ref {ref_feat.shape[1]}")
+        raise RBGuidanceError(f"channel mismatch: gen {gen_feat.shape[1]} vs ref {ref_feat.shape[1]}")
     if tuple(gen_mask.shape[-2:]) != tuple(gen_feat.shape[-2:]) or tuple(ref_mask.shape[-2:]) != tuple(ref_feat.shape[-2:]):
-        raise ValueError("masks must be at feature resolution; use resize_mask first "
+        raise RBGuidanceError("masks must be at feature resolution; use resize_mask first "
                          f"(gen {tuple(gen_mask.shape)} vs {tuple(gen_feat.shape)}, ref {tuple(ref_mask.shape)} vs {tuple(ref_feat.shape)})")
 
     # float32 at least: fp16 cosines of 1280-channel features are too coarse for a similarity score.
@@ -309,7 +310,7 @@ def _expand_batch(mask: torch.Tensor, b: int) -> torch.Tensor:
     if mask.dim() == 2:
         mask = mask[None]
     if mask.shape[0] not in (1, b):
-        raise ValueError(f"mask batch {mask.shape[0]} does not match latent batch {b}")
+        raise RBGuidanceError(f"mask batch {mask.shape[0]} does not match latent batch {b}")
     return mask.expand(b, *mask.shape[1:])
 
 
@@ -335,7 +336,7 @@ def rb_energy_grad(z_t: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch
     The returned tensors are detached.
     """
     if z_t.dim() != 4:
-        raise ValueError(f"z_t must be (B, C, H, W); got {tuple(z_t.shape)}")
+        raise RBGuidanceError(f"z_t must be (B, C, H, W); got {tuple(z_t.shape)}")
     with torch.inference_mode(False), torch.enable_grad():
         # clone() outside inference mode turns an inference tensor into a normal one autograd can use.
         z = z_t.detach().clone().requires_grad_(True)
@@ -353,10 +354,10 @@ def rb_energy_grad_from_features(z: torch.Tensor, feats: torch.Tensor, identitie
     generated masks are only known after the forward (M_gen from that very forward's attention).
     """
     if z.dim() != 4 or not z.requires_grad:
-        raise ValueError("z must be a (B, C, H, W) tensor that requires grad")
+        raise RBGuidanceError("z must be a (B, C, H, W) tensor that requires grad")
     bsz, _, height, width = z.shape
     if feats.dim() != 4 or feats.shape[0] != bsz:
-        raise ValueError(f"feature_fn must return (B={bsz}, C, h, w); got {tuple(feats.shape)}")
+        raise RBGuidanceError(f"feature_fn must return (B={bsz}, C, h, w); got {tuple(feats.shape)}")
     energies, s_hats, valids, matches = [], [], [], []
     grad = torch.zeros_like(z)
     for k, ident in enumerate(identities):

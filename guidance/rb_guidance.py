@@ -46,6 +46,7 @@ import comfy.samplers
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
+from ..errors import FeaturePointError, RBGuidanceError
 from ..face.types import to_rgb
 from . import rb_energy as rb
 from .differentiable import comfy_training_mode
@@ -59,14 +60,6 @@ CAPTURE_KEY = "idportrait_rb_capture"   # transformer_options key, present only 
 CAPTURE_WRAPPER_KEY = "idportrait_rb"
 FEATURE_AUTO = "auto"
 MASK_SOURCES = ("auto", "box")
-
-
-class RBGuidanceError(ValueError):
-    """A configuration the guidance cannot run with (message says what to change)."""
-
-
-class FeaturePointError(RBGuidanceError):
-    pass
 
 
 class _FeatureReady(Exception):

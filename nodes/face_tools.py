@@ -22,7 +22,9 @@ import folder_paths
 from ..face import align, detect, evaluate, landmarks, masks
 from ..face import insightface_loader as ifl
 from ..face.types import FaceDetection
+from .folders import register_model_folder
 from .inputs import rgb_images
+from ..errors import FaceError
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +34,8 @@ CROP_SIZES = ["112", "224", "448", "512"]
 PROVIDERS = ["CPU", "CUDA", "ROCM", "DirectML", "CoreML", "OpenVINO", "TensorRT"]
 
 
-def _register_folder(name: str, exts: set) -> None:
-    """Add models/<name>, keeping paths (and extensions) other packs or extra_model_paths.yaml set."""
-    if name in folder_paths.folder_names_and_paths:
-        paths, old = folder_paths.folder_names_and_paths[name]
-        exts = set(old) | set(exts)
-    else:
-        paths = [os.path.join(folder_paths.models_dir, name)]
-    folder_paths.folder_names_and_paths[name] = (paths, set(exts))
-
-
 # models/insightface/models/<pack>/*.onnx, the layout InstantID, PuLID and IPAdapter_plus users have.
-_register_folder(FOLDER, {".onnx"})
+register_model_folder(FOLDER, {".onnx"})
 
 FaceAnalysisType = io.Custom("IDP_FACE_ANALYSIS")
 FacesType = io.Custom("IDP_FACES")
@@ -88,9 +80,9 @@ class FaceAnalysis:
     def embed(self, crops112: torch.Tensor) -> torch.Tensor:
         if not self.has_recognition:
             if self.pack is not None:
-                raise ValueError(f"the insightface pack '{self.pack.name}' has no recognition model: add its ArcFace "
+                raise FaceError(f"the insightface pack '{self.pack.name}' has no recognition model: add its ArcFace "
                                  "file (antelopev2: glintr100.onnx, buffalo_l: w600k_r50.onnx) to the pack's folder")
-            raise ValueError("face embeddings need an insightface pack with a recognition model (antelopev2: "
+            raise FaceError("face embeddings need an insightface pack with a recognition model (antelopev2: "
                              "glintr100.onnx, buffalo_l: w600k_r50.onnx): use 'Load InsightFace Pack (IDP)' "
                              f"instead of the {self.backend} detector")
         return ifl.arcface_embeddings(self.pack, crops112)
@@ -334,7 +326,7 @@ class FaceDetectAlign(io.ComfyNode):
                     msg = (f"no face selected in image {i}: {len(faces)} detected, {kept} at least "
                            f"{min_face_size}px, face_index {face_index}")
                 if not skip_images_without_face:
-                    raise ValueError(f"{msg} (turn on skip_images_without_face to skip such images, or lower "
+                    raise FaceError(f"{msg} (turn on skip_images_without_face to skip such images, or lower "
                                      f"the detector threshold / min_face_size)")
                 log.warning("%s; skipped", msg)
             selected.append(pick)
@@ -473,7 +465,7 @@ class FacePose(io.ComfyNode):
                              "source": f.landmark_kind or f.source})
         first = next((r for r in recs if r["yaw"] is not None), None)
         if first is None:
-            raise ValueError("no face with a pose: landmarks could not be found on any face")
+            raise FaceError("no face with a pose: landmarks could not be found on any face")
         text = json.dumps(recs, indent=1)
         return io.NodeOutput(text, float(first["yaw"]), float(first["pitch"]), float(first["roll"]),
                              ui=ui.PreviewText("\n".join(f"image {r['image']}: yaw {r['yaw']}, pitch {r['pitch']}, "
@@ -502,7 +494,7 @@ class FaceEmbed(io.ComfyNode):
     def execute(cls, face_analysis, faces, combine):
         flat = [f for row in faces.selected for f in row]
         if not flat:
-            raise ValueError("no faces to embed")
+            raise FaceError("no faces to embed")
         crops = align.align_faces(faces.images, flat, evaluate.ID_SIZE).crops
         emb = face_analysis.embed(crops)
         idx = [f.image_index for f in flat]
@@ -529,7 +521,7 @@ def _clip_text_fn(clip) -> Callable[[list], torch.Tensor]:
         for p in prompts:
             _, pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
             if pooled is None:
-                raise ValueError("this CLIP text encoder returns no pooled embedding; CLIP-T needs a CLIP text "
+                raise FaceError("this CLIP text encoder returns no pooled embedding; CLIP-T needs a CLIP text "
                                  "model (e.g. clip_l)")
             rows.append(pooled.float().cpu().reshape(1, -1))
         return torch.cat(rows)

@@ -8,7 +8,6 @@ take CLIP and VAE from any SD1.5 checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from comfy_api.latest import io
@@ -19,6 +18,7 @@ import folder_paths
 from ..face import detect as face_detect
 from ..face.types import BackendUnavailable
 from ..guidance import flashface as ff
+from .folders import register_model_folder
 from .inputs import rgb_images
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,7 @@ CATEGORY = "identity_portrait/flashface"
 EXTENSIONS = {".safetensors", ".sft", ".ckpt"}   # .ckpt is read with torch.load(weights_only=True) only
 
 
-def _register_folder() -> None:
-    """models/flashface, keeping paths users set in extra_model_paths.yaml."""
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, _ = folder_paths.folder_names_and_paths[FOLDER]
-    else:
-        paths = [os.path.join(folder_paths.models_dir, FOLDER)]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
-
-
-_register_folder()
+register_model_folder(FOLDER, EXTENSIONS)
 
 FlashFaceRef = io.Custom("FLASHFACE_REF")
 

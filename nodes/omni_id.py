@@ -21,7 +21,9 @@ from ..guidance.patching import apply_injector, model_family
 from ..omni_encoder import mixing, weights
 from ..omni_encoder.baselines import CLIPTokensEncoder
 from ..omni_encoder.encoder import OmniIDConfig
+from .folders import register_model_folder
 from .inputs import rgb_images
+from ..errors import OmniIDError
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,8 @@ FOLDER = "omni_id"
 IPADAPTER_FOLDER = "ipadapter"
 
 
-def _register_folder(name: str) -> None:
-    """Add a models/<name> folder (safetensors only), keeping paths users set in extra_model_paths.yaml."""
-    if name in folder_paths.folder_names_and_paths:
-        paths, _ = folder_paths.folder_names_and_paths[name]
-    else:
-        paths = [os.path.join(folder_paths.models_dir, name)]
-    folder_paths.folder_names_and_paths[name] = (paths, {".safetensors", ".sft"})
-
-
-for _n in (FOLDER, IPADAPTER_FOLDER):
-    _register_folder(_n)
+for _name in (FOLDER, IPADAPTER_FOLDER):
+    register_model_folder(_name, {".safetensors", ".sft"})
 
 OmniIDModelType = io.Custom("OMNI_ID_MODEL")
 OmniIDType = io.Custom("OMNI_ID")
@@ -87,13 +80,13 @@ def load_omni_id_model(path: str) -> OmniIDModel:
     if any(k.startswith("ip_adapter.") for k in sd) and any(k.startswith("image_proj.") for k in sd):
         kind = public_ip_adapter_kind(sd)
         if kind != "full-face":
-            raise ValueError(f"{os.path.basename(path)} is a {kind} IP-Adapter; this loader takes the full-face file "
+            raise OmniIDError(f"{os.path.basename(path)} is a {kind} IP-Adapter; this loader takes the full-face file "
                              "(ip-adapter-full-face_sd15: 257 CLIP tokens through an MLP projection). Use an "
                              f"IP-Adapter pack for {kind} files")
         dim = sd["image_proj.proj.0.weight"].shape[1]   # width of the CLIP tokens the projection takes
         cfg = OmniIDConfig(encoder_type="clip", token_dim=dim, clip_dim=dim, heads=1)
         return OmniIDModel(CLIPTokensEncoder(cfg), _PublicIPAdapter(sd), "unet", None, os.path.basename(path))
-    raise ValueError(f"{os.path.basename(path)} is neither an Omni-ID weight file (format=omni_id in its metadata) nor an "
+    raise OmniIDError(f"{os.path.basename(path)} is neither an Omni-ID weight file (format=omni_id in its metadata) nor an "
                      "IP-Adapter file (image_proj.* / ip_adapter.* keys): put Omni-ID files in models/omni_id and "
                      "IP-Adapter 'full face' files in models/ipadapter")
 
@@ -124,11 +117,11 @@ class _PublicIPAdapter:
 def _adapter_for(m: OmniIDModel, model) -> torch.nn.Module:
     family = model_family(model)
     if family not in weights.BASE_FAMILIES:
-        raise ValueError(f"Omni-ID injection supports SD1.5, SDXL and FLUX models; this MODEL is {family}")
+        raise OmniIDError(f"Omni-ID injection supports SD1.5, SDXL and FLUX models; this MODEL is {family}")
     dm = model.model.diffusion_model
     if isinstance(m.adapter, _PublicIPAdapter):
         if family == "flux":
-            raise ValueError("an SD IP-Adapter file cannot be applied to a FLUX model: use an Omni-ID file for flux")
+            raise OmniIDError("an SD IP-Adapter file cannot be applied to a FLUX model: use an Omni-ID file for flux")
         adapter = m.adapter.for_model(dm)
     else:
         weights.check_base_family(m.meta, family)
@@ -160,7 +153,7 @@ def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) 
     """IMAGE (N, H, W, 3) of one person's aligned faces → one identity (1, L, C)."""
     images = rgb_images(images, "Omni-ID Encode", "connect one or more face images of the same person")
     if clip_vision is None:
-        raise ValueError(f"the {m.encoder_type} encoder needs CLIP vision tokens: connect a CLIP_VISION model (ViT-H/14)")
+        raise OmniIDError(f"the {m.encoder_type} encoder needs CLIP vision tokens: connect a CLIP_VISION model (ViT-H/14)")
     pbar = comfy.utils.ProgressBar(images.shape[0] + 1)
     toks = []
     for i in range(images.shape[0]):   # one image at a time: bounded memory for large reference sets
@@ -169,7 +162,7 @@ def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) 
     clip_tokens = torch.cat(toks)[None].float()   # (1, N, 257, C)
     cfg = getattr(m.encoder, "config", None)
     if cfg is not None and clip_tokens.shape[-1] != cfg.clip_dim:
-        raise ValueError(f"the CLIP vision model gives tokens of width {clip_tokens.shape[-1]} but these Omni-ID weights "
+        raise OmniIDError(f"the CLIP vision model gives tokens of width {clip_tokens.shape[-1]} but these Omni-ID weights "
                          f"expect {cfg.clip_dim} (CLIP-H/14 is 1280): load the matching CLIP vision model")
     tokens = run_encoder(m.encoder, clip_tokens=clip_tokens)
     pbar.update(1)
@@ -255,16 +248,16 @@ class OmniIDEncodeArcFace(io.ComfyNode):
     def execute(cls, omni_id_model, face_embedding, clip_vision=None, faces=None):
         m = omni_id_model
         if m.encoder_type not in ("arcface", "arcface_clip"):
-            raise ValueError(f"these weights are an {m.encoder_type} encoder: use 'Omni-ID Encode Faces' instead")
+            raise OmniIDError(f"these weights are an {m.encoder_type} encoder: use 'Omni-ID Encode Faces' instead")
         emb = face_embedding.embeddings
         if emb.shape[0] == 0:
-            raise ValueError("no ArcFace embedding: the Face Embedding node found no face")
+            raise OmniIDError("no ArcFace embedding: the Face Embedding node found no face")
         clip_tokens = None
         if m.encoder_type == "arcface_clip":
             if faces is not None:
                 faces = rgb_images(faces, "Omni-ID Encode ArcFace (faces)", "connect the aligned face crops")
             if clip_vision is None or faces is None:
-                raise ValueError("arcface_clip weights also need CLIP vision and the face crops: connect both")
+                raise OmniIDError("arcface_clip weights also need CLIP vision and the face crops: connect both")
             clip_tokens = torch.cat([clip_vision.encode_image(faces[i:i + 1], crop=True)["penultimate_hidden_states"]
                                      for i in range(faces.shape[0])])[None].float()
         tokens = run_encoder(m.encoder, clip_tokens=clip_tokens, arcface=emb[None].float())

@@ -22,6 +22,7 @@ import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models as sm
 from comfy.ldm.models.autoencoder import AutoencoderKL
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def model_config(family: str, in_channels: int | None = None):
                        "axes_dim": [pe - 2 * a, a, a], "theta": 10000, "qkv_bias": True,
                        "guidance_embed": True})
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if in_channels is not None:
         cfg.unet_config["in_channels"] = in_channels
     cfg.set_inference_dtype(torch.float32, None)
@@ -179,7 +180,7 @@ def tiny_controlnet(family: str = "sd15", seed: int = 0):
     import comfy.controlnet
     import comfy.ops
     if family not in ("sd15", "sdxl"):
-        raise ValueError("the tiny ControlNet stand-in exists for the sd15 and sdxl families")
+        raise InputError("the tiny ControlNet stand-in exists for the sd15 and sdxl families")
     cfg = dict(model_config(family).unet_config)
     cfg.pop("out_channels")
     cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")

@@ -25,6 +25,7 @@ from torch import nn
 
 from .encoder import (IdentityEncoder, IdentityTransformer, OmniIDConfig, OmniIDEncoder, PerImageInput,
                       check_image_mask, image_mask_to_token_mask, pad_per_image, prepare_clip_tokens)
+from ..errors import OmniIDError
 
 
 def prepare_arcface(arcface: Optional[PerImageInput], mask: Optional[torch.Tensor], config: OmniIDConfig,
@@ -35,15 +36,15 @@ def prepare_arcface(arcface: Optional[PerImageInput], mask: Optional[torch.Tenso
     (N_i, D) or (D,) tensors, one per identity.
     """
     if arcface is None:
-        raise ValueError(f"{what} needs ArcFace embeddings: pass arcface=(B, N, {config.arcface_dim}) from insightface")
+        raise OmniIDError(f"{what} needs ArcFace embeddings: pass arcface=(B, N, {config.arcface_dim}) from insightface")
     if isinstance(arcface, (list, tuple)):
         if mask is not None:
-            raise ValueError(f"{what}: a list of per-identity embeddings builds its own mask; do not pass mask as well")
+            raise OmniIDError(f"{what}: a list of per-identity embeddings builds its own mask; do not pass mask as well")
         arcface, mask = pad_per_image([a.unsqueeze(0) if a.ndim == 1 else a for a in arcface], what)
     elif arcface.ndim == 2:
         arcface, mask = arcface.unsqueeze(1), None
     if arcface.ndim != 3 or arcface.shape[-1] != config.arcface_dim:
-        raise ValueError(f"{what}: arcface has shape {tuple(arcface.shape)}, expected (B, N, {config.arcface_dim})")
+        raise OmniIDError(f"{what}: arcface has shape {tuple(arcface.shape)}, expected (B, N, {config.arcface_dim})")
     mask = check_image_mask(mask, arcface.shape[0], arcface.shape[1], what)
     return arcface, mask
 
@@ -138,7 +139,7 @@ class ArcFaceCLIPEncoder(IdentityEncoder):
         emb, emb_mask = prepare_arcface(arcface, mask, self.config, "ArcFace+CLIP baseline")
         tokens, clip_mask = prepare_clip_tokens(clip_tokens, mask, self.config, "ArcFace+CLIP baseline")
         if emb.shape[0] != tokens.shape[0]:
-            raise ValueError(f"ArcFace+CLIP baseline: {emb.shape[0]} ArcFace identities but {tokens.shape[0]} CLIP identities; "
+            raise OmniIDError(f"ArcFace+CLIP baseline: {emb.shape[0]} ArcFace identities but {tokens.shape[0]} CLIP identities; "
                              "pass both for the same identities")
         queries = self.proj(average_arcface(emb.to(dtype), emb_mask))
         b, n, t, c = tokens.shape

@@ -27,6 +27,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import OmniIDError
 
 ENCODER_TYPES = ("omni_id", "clip", "arcface", "arcface_clip")
 
@@ -54,17 +55,17 @@ class OmniIDConfig:
 
     def __post_init__(self):
         if self.encoder_type not in ENCODER_TYPES:
-            raise ValueError(f"encoder_type {self.encoder_type!r} is not one of {', '.join(ENCODER_TYPES)}")
+            raise OmniIDError(f"encoder_type {self.encoder_type!r} is not one of {', '.join(ENCODER_TYPES)}")
         for name in ("token_dim", "clip_dim", "num_queries", "heads", "tokens_per_image", "arcface_dim", "arcface_rank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise OmniIDError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_cross_blocks", "num_self_blocks"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OmniIDError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_dim % self.heads:
-            raise ValueError(f"token_dim {self.token_dim} is not divisible by heads {self.heads}")
+            raise OmniIDError(f"token_dim {self.token_dim} is not divisible by heads {self.heads}")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+            raise OmniIDError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
     def to_dict(self) -> dict[str, str]:
         """Flat str -> str dict (safetensors metadata holds strings only)."""
@@ -82,7 +83,7 @@ class OmniIDConfig:
             try:
                 kwargs[f.name] = raw if kind is str else kind(float(raw)) if kind is float else int(str(raw))
             except ValueError:
-                raise ValueError(f"config field {f.name}={raw!r} is not a valid {kind.__name__}") from None
+                raise OmniIDError(f"config field {f.name}={raw!r} is not a valid {kind.__name__}") from None
         return cls(**kwargs)
 
 
@@ -92,13 +93,13 @@ def pad_per_image(items: Sequence[torch.Tensor], what: str) -> tuple[torch.Tenso
     The mask is True for real images. Padding is zeros.
     """
     if len(items) == 0:
-        raise ValueError(f"{what}: got an empty list; pass one tensor (N_i, ...) per identity")
+        raise OmniIDError(f"{what}: got an empty list; pass one tensor (N_i, ...) per identity")
     tail = items[0].shape[1:]
     for i, t in enumerate(items):
         if t.ndim != len(tail) + 1 or t.shape[1:] != tail:
-            raise ValueError(f"{what}: identity {i} has shape {tuple(t.shape)}, expected (N_i, {', '.join(map(str, tail))})")
+            raise OmniIDError(f"{what}: identity {i} has shape {tuple(t.shape)}, expected (N_i, {', '.join(map(str, tail))})")
         if t.shape[0] == 0:
-            raise ValueError(f"{what}: identity {i} has no images; every identity needs at least one")
+            raise OmniIDError(f"{what}: identity {i} has no images; every identity needs at least one")
     n_max = max(t.shape[0] for t in items)
     ref = items[0]
     out = ref.new_zeros((len(items), n_max, *tail))
@@ -114,10 +115,10 @@ def check_image_mask(mask: Optional[torch.Tensor], batch: int, num_images: int, 
     if mask is None:
         return None
     if mask.shape != (batch, num_images):
-        raise ValueError(f"{what}: mask has shape {tuple(mask.shape)}, expected (batch, images) = ({batch}, {num_images})")
+        raise OmniIDError(f"{what}: mask has shape {tuple(mask.shape)}, expected (batch, images) = ({batch}, {num_images})")
     mask = mask if mask.dtype == torch.bool else mask != 0
     if not bool(mask.any(dim=1).all()):
-        raise ValueError(f"{what}: an identity has no unmasked image; every row of the mask needs at least one True")
+        raise OmniIDError(f"{what}: an identity has no unmasked image; every row of the mask needs at least one True")
     return mask
 
 
@@ -129,22 +130,22 @@ def prepare_clip_tokens(clip_tokens: Optional[PerImageInput], mask: Optional[tor
     Padded images are zeroed so that garbage (even NaN) in padding cannot leak through attention.
     """
     if clip_tokens is None:
-        raise ValueError(f"{what} needs CLIP image tokens: pass clip_tokens=(B, N, {config.tokens_per_image}, {config.clip_dim})")
+        raise OmniIDError(f"{what} needs CLIP image tokens: pass clip_tokens=(B, N, {config.tokens_per_image}, {config.clip_dim})")
     if isinstance(clip_tokens, (list, tuple)):
         if mask is not None:
-            raise ValueError(f"{what}: a list of per-identity tensors builds its own mask; do not pass mask as well")
+            raise OmniIDError(f"{what}: a list of per-identity tensors builds its own mask; do not pass mask as well")
         clip_tokens, mask = pad_per_image(clip_tokens, what)
     elif clip_tokens.ndim == 3:
         clip_tokens = clip_tokens.unsqueeze(0)
     if clip_tokens.ndim != 4:
-        raise ValueError(f"{what}: clip_tokens has shape {tuple(clip_tokens.shape)}, expected (B, N, T, C)")
+        raise OmniIDError(f"{what}: clip_tokens has shape {tuple(clip_tokens.shape)}, expected (B, N, T, C)")
     b, n, t, c = clip_tokens.shape
     if (t, c) != (config.tokens_per_image, config.clip_dim):
-        raise ValueError(
+        raise OmniIDError(
             f"{what}: each image must have {config.tokens_per_image} tokens of width {config.clip_dim} "
             f"(CLIP-H penultimate hidden state), got {t} x {c}; use the encoder's CLIP vision model or a config that matches")
     if n < 1:
-        raise ValueError(f"{what}: no images given; pass at least one image per identity")
+        raise OmniIDError(f"{what}: no images given; pass at least one image per identity")
     mask = check_image_mask(mask, b, n, what)
     if mask is not None:
         if bool(mask.all()):

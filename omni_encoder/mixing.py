@@ -14,18 +14,19 @@ import math
 from typing import Sequence
 
 import torch
+from ..errors import OmniIDError
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
     """Non-negative weights scaled to sum to 1."""
     w = [float(x) for x in weights]
     if not w:
-        raise ValueError("no mixing weights given; pass one weight per identity")
+        raise OmniIDError("no mixing weights given; pass one weight per identity")
     if any(not math.isfinite(x) or x < 0 for x in w):
-        raise ValueError(f"mixing weights must be finite and >= 0, got {w}; use 0 to leave an identity out")
+        raise OmniIDError(f"mixing weights must be finite and >= 0, got {w}; use 0 to leave an identity out")
     total = sum(w)
     if total <= 0:
-        raise ValueError(f"mixing weights sum to {total}; give at least one identity a weight > 0")
+        raise OmniIDError(f"mixing weights sum to {total}; give at least one identity a weight > 0")
     return [x / total for x in w]
 
 
@@ -35,15 +36,15 @@ def mix_identities(identities: Sequence[torch.Tensor], weights: Sequence[float])
     Weights are normalised to sum to 1. Accumulates in at least float32 and returns the inputs' dtype.
     """
     if len(identities) != len(weights):
-        raise ValueError(f"{len(identities)} identities but {len(weights)} weights; pass one weight per identity")
+        raise OmniIDError(f"{len(identities)} identities but {len(weights)} weights; pass one weight per identity")
     w = normalize_weights(weights)
     first = identities[0]
     for i, t in enumerate(identities[1:], start=1):
         if t.shape != first.shape:
-            raise ValueError(f"identity {i} has shape {tuple(t.shape)}, identity 0 {tuple(first.shape)}: only identities "
+            raise OmniIDError(f"identity {i} has shape {tuple(t.shape)}, identity 0 {tuple(first.shape)}: only identities "
                              "with the same token layout can be interpolated; use stack_identities to combine them")
         if t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(f"identity {i} is {t.dtype} on {t.device}, identity 0 {first.dtype} on {first.device}; "
+            raise OmniIDError(f"identity {i} is {t.dtype} on {t.device}, identity 0 {first.dtype} on {first.device}; "
                              "convert them to one dtype and device first")
     selected = [i for i, x in enumerate(w) if x != 0.0]
     if len(selected) == 1:
@@ -59,10 +60,10 @@ def mix_identities(identities: Sequence[torch.Tensor], weights: Sequence[float])
 def stack_identities(identities: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate identities along the token axis (-2): (..., L_1, C), (..., L_2, C) -> (..., L_1 + L_2, C)."""
     if len(identities) == 0:
-        raise ValueError("no identities to stack")
+        raise OmniIDError("no identities to stack")
     first = identities[0]
     for i, t in enumerate(identities):
         if t.ndim < 2 or t.ndim != first.ndim or t.shape[:-2] != first.shape[:-2] or t.shape[-1] != first.shape[-1]:
-            raise ValueError(f"identity {i} has shape {tuple(t.shape)}, identity 0 {tuple(first.shape)}: stacked identities "
+            raise OmniIDError(f"identity {i} has shape {tuple(t.shape)}, identity 0 {tuple(first.shape)}: stacked identities "
                              "need the same token width and leading (batch) dimensions")
     return torch.cat(list(identities), dim=-2)

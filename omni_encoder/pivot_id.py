@@ -17,6 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import RBGuidanceError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ class PivotIDEncoder(nn.Module):
     def forward(self, e_ref: torch.Tensor, e_txt: torch.Tensor) -> torch.Tensor:
         """(..., image_dim), (..., text_dim) with equal leading dims -> e_mix (..., text_dim)."""
         if e_ref.shape[-1] != self.image_dim or e_txt.shape[-1] != self.text_dim:
-            raise ValueError(f"expected widths {self.image_dim}/{self.text_dim}, got {e_ref.shape[-1]}/{e_txt.shape[-1]}")
+            raise RBGuidanceError(f"expected widths {self.image_dim}/{self.text_dim}, got {e_ref.shape[-1]}/{e_txt.shape[-1]}")
         if e_ref.shape[:-1] != e_txt.shape[:-1]:
-            raise ValueError(f"leading dims differ: e_ref {tuple(e_ref.shape)} vs e_txt {tuple(e_txt.shape)}")
+            raise RBGuidanceError(f"leading dims differ: e_ref {tuple(e_ref.shape)} vs e_txt {tuple(e_txt.shape)}")
         x = torch.cat([e_ref.to(self.proj.weight.dtype), e_txt.to(self.proj.weight.dtype)], dim=-1)
         return self.proj(x)
 
@@ -69,18 +70,18 @@ class PivotIDEncoder(nn.Module):
 
 def _index_grid(prompt_embeds: torch.Tensor, token_indices: torch.Tensor):
     if prompt_embeds.dim() != 3:
-        raise ValueError(f"prompt_embeds must be (B, T, C); got {tuple(prompt_embeds.shape)}")
+        raise RBGuidanceError(f"prompt_embeds must be (B, T, C); got {tuple(prompt_embeds.shape)}")
     b, t, _ = prompt_embeds.shape
     idx = torch.as_tensor(token_indices, device=prompt_embeds.device).long()
     if idx.dim() == 1:
         idx = idx[:, None]
     if idx.dim() != 2 or idx.shape[0] != b:
-        raise ValueError(f"token_indices must be (B,) or (B, K) with B={b}; got {tuple(idx.shape)}")
+        raise RBGuidanceError(f"token_indices must be (B,) or (B, K) with B={b}; got {tuple(idx.shape)}")
     if bool(((idx < 0) | (idx >= t)).any()):
         raise IndexError(f"token index out of range [0, {t})")
     # a position replaced twice would silently keep only one of the two e_mix
     if idx.shape[1] > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
-        raise ValueError("duplicate token index within one prompt")
+        raise RBGuidanceError("duplicate token index within one prompt")
     rows = torch.arange(b, device=idx.device)[:, None].expand_as(idx)
     return rows, idx
 
@@ -100,7 +101,7 @@ def replace_token_embeddings(prompt_embeds: torch.Tensor, token_indices: torch.T
     rows, idx = _index_grid(prompt_embeds, token_indices)
     new = new_embeds if new_embeds.dim() == 3 else new_embeds[:, None]
     if new.shape != (*idx.shape, prompt_embeds.shape[-1]):
-        raise ValueError(f"new_embeds {tuple(new_embeds.shape)} does not fit indices {tuple(idx.shape)} x C={prompt_embeds.shape[-1]}")
+        raise RBGuidanceError(f"new_embeds {tuple(new_embeds.shape)} does not fit indices {tuple(idx.shape)} x C={prompt_embeds.shape[-1]}")
     return prompt_embeds.index_put((rows, idx), new.to(prompt_embeds.dtype))
 
 
@@ -111,7 +112,7 @@ def find_token_indices(token_ids: torch.Tensor, class_token_id: int) -> torch.Te
     """
     hits = torch.as_tensor(token_ids) == class_token_id
     if not bool(hits.any(dim=1).all()):
-        raise ValueError(f"class token id {class_token_id} missing from prompt(s) {torch.nonzero(~hits.any(dim=1)).flatten().tolist()}")
+        raise RBGuidanceError(f"class token id {class_token_id} missing from prompt(s) {torch.nonzero(~hits.any(dim=1)).flatten().tolist()}")
     return hits.long().argmax(dim=1)
 
 
@@ -132,7 +133,7 @@ def face_localization_loss(attn_map: torch.Tensor, face_mask: torch.Tensor, eta:
     if a.dim() == 4:
         a = a.mean(dim=1)
     if a.dim() != 3:
-        raise ValueError(f"attn_map must be (B, h, w) or (B, L, h, w); got {tuple(attn_map.shape)}")
+        raise RBGuidanceError(f"attn_map must be (B, h, w) or (B, L, h, w); got {tuple(attn_map.shape)}")
     if tuple(a.shape[-2:]) != LOC_SIZE:
         log.debug("face_localization_loss on a %s map; the paper uses 16x16", tuple(a.shape[-2:]))
     m = face_mask[None] if face_mask.dim() == 2 else face_mask
@@ -171,21 +172,21 @@ def load_pivot_encoder(path: str, device=None, dtype=None) -> tuple[PivotIDEncod
         meta = dict(f.metadata() or {})
         keys = set(f.keys())
         if not {"proj.weight", "proj.bias"} <= keys:
-            raise ValueError(f"{path}: not a Pivot ID encoder file (needs proj.weight and proj.bias; has {sorted(keys)[:6]})")
+            raise RBGuidanceError(f"{path}: not a Pivot ID encoder file (needs proj.weight and proj.bias; has {sorted(keys)[:6]})")
         sd = {k: f.get_tensor(k) for k in ("proj.weight", "proj.bias")}
     if meta.get("format", PIVOT_FORMAT) != PIVOT_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {PIVOT_FORMAT!r}")
+        raise RBGuidanceError(f"{path}: format {meta.get('format')!r}, expected {PIVOT_FORMAT!r}")
     if int(meta.get("format_version", PIVOT_FORMAT_VERSION)) > PIVOT_FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this reader ({PIVOT_FORMAT_VERSION})")
+        raise RBGuidanceError(f"{path}: format version {meta['format_version']} is newer than this reader ({PIVOT_FORMAT_VERSION})")
     w = sd["proj.weight"]
     text_dim, total = w.shape
     image_dim = total - text_dim
     if image_dim <= 0 or sd["proj.bias"].shape != (text_dim,):
-        raise ValueError(f"{path}: proj.weight {tuple(w.shape)} / proj.bias {tuple(sd['proj.bias'].shape)} do not form "
+        raise RBGuidanceError(f"{path}: proj.weight {tuple(w.shape)} / proj.bias {tuple(sd['proj.bias'].shape)} do not form "
                          "a (text, image + text) alignment layer")
     for name, val in (("image_dim", image_dim), ("text_dim", text_dim)):
         if name in meta and int(meta[name]) != val:
-            raise ValueError(f"{path}: metadata {name}={meta[name]} but the weights have {val}")
+            raise RBGuidanceError(f"{path}: metadata {name}={meta[name]} but the weights have {val}")
     enc = PivotIDEncoder(image_dim=image_dim, text_dim=text_dim, identity_init=False)
     enc.load_state_dict(sd)
     return enc.to(device=device, dtype=dtype).eval(), meta

@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 
 from .baselines import build_encoder
 from .encoder import ENCODER_TYPES, IdentityEncoder, OmniIDConfig
+from ..errors import OmniIDError
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,10 @@ class IdentityWeightsMeta:
 
     def __post_init__(self):
         if self.base_family not in BASE_FAMILIES:
-            raise ValueError(f"base_family {self.base_family!r} is not one of {', '.join(BASE_FAMILIES)}")
+            raise OmniIDError(f"base_family {self.base_family!r} is not one of {', '.join(BASE_FAMILIES)}")
         clash = sorted(set(self.extra) & _WEIGHTS_RESERVED)
         if clash:
-            raise ValueError(f"extra metadata keys {clash} are reserved by the file format; rename them")
+            raise OmniIDError(f"extra metadata keys {clash} are reserved by the file format; rename them")
 
     @property
     def encoder_type(self) -> str:
@@ -125,7 +126,7 @@ class IdentityWeightsMeta:
         try:
             injected = json.loads(metadata.get("injected_blocks", "[]"))
         except json.JSONDecodeError:
-            raise ValueError(f"{source}: injected_blocks is not valid JSON ({metadata['injected_blocks'][:60]!r}); "
+            raise OmniIDError(f"{source}: injected_blocks is not valid JSON ({metadata['injected_blocks'][:60]!r}); "
                              "re-save the file with save_identity_weights") from None
         extra = {k: v for k, v in metadata.items() if k not in _WEIGHTS_RESERVED}
         return cls(config=OmniIDConfig.from_dict(metadata), base_family=metadata.get("base_family", ""),
@@ -140,17 +141,17 @@ def check_weights_format(metadata: Optional[Mapping[str, str]], source: str = "f
     """The metadata must say format=omni_id with a format_version this code can read."""
     fmt = (metadata or {}).get("format")
     if fmt == IDENTITY_FORMAT:
-        raise ValueError(f"{source} is an encoded identity, not identity weights; load it with the identity "
+        raise OmniIDError(f"{source} is an encoded identity, not identity weights; load it with the identity "
                          "loader (load_identity), and pick an Omni-ID weight file for the model loader")
     if fmt != WEIGHTS_FORMAT:
-        raise ValueError(f"{source} is not an Omni-ID identity weight file (metadata format={fmt!r}, expected "
+        raise OmniIDError(f"{source} is not an Omni-ID identity weight file (metadata format={fmt!r}, expected "
                          f"{WEIGHTS_FORMAT!r}); pick a file saved by this node pack (save_identity_weights)")
     _check_version(metadata, FORMAT_VERSION, source)
     if metadata.get("base_family") not in BASE_FAMILIES:
-        raise ValueError(f"{source}: base_family={metadata.get('base_family')!r} is not one of "
+        raise OmniIDError(f"{source}: base_family={metadata.get('base_family')!r} is not one of "
                          f"{', '.join(BASE_FAMILIES)}; re-save the file with save_identity_weights")
     if metadata.get("encoder_type") not in ENCODER_TYPES:
-        raise ValueError(f"{source}: encoder_type={metadata.get('encoder_type')!r} is not one of "
+        raise OmniIDError(f"{source}: encoder_type={metadata.get('encoder_type')!r} is not one of "
                          f"{', '.join(ENCODER_TYPES)}; re-save the file with save_identity_weights")
 
 
@@ -159,18 +160,18 @@ def _check_version(metadata: Mapping[str, str], supported: int, source: str) -> 
     try:
         version = int(raw)
     except ValueError:
-        raise ValueError(f"{source}: format_version={raw!r} is not an integer; re-save the file") from None
+        raise OmniIDError(f"{source}: format_version={raw!r} is not an integer; re-save the file") from None
     if version > supported:
-        raise ValueError(f"{source} was written in format_version {version}, this node pack reads up to "
+        raise OmniIDError(f"{source} was written in format_version {version}, this node pack reads up to "
                          f"{supported}; update the node pack")
 
 
 def check_base_family(meta: IdentityWeightsMeta, model_family: str) -> None:
     """The file must have been trained for the family of the model it is applied to."""
     if model_family not in BASE_FAMILIES:
-        raise ValueError(f"unknown model family {model_family!r}; expected one of {', '.join(BASE_FAMILIES)}")
+        raise OmniIDError(f"unknown model family {model_family!r}; expected one of {', '.join(BASE_FAMILIES)}")
     if meta.base_family != model_family:
-        raise ValueError(f"this file was trained for {meta.base_family}; use it with a "
+        raise OmniIDError(f"this file was trained for {meta.base_family}; use it with a "
                          f"{FAMILY_LABELS[meta.base_family]} model or load the {model_family} file")
 
 
@@ -184,19 +185,19 @@ def check_state_dict(expected: Mapping[str, Union[torch.Size, tuple, torch.Tenso
     exp = {k: tuple(v.shape if isinstance(v, torch.Tensor) else v) for k, v in expected.items()}
     missing = [k for k in exp if k not in actual]
     if missing:
-        raise ValueError(
+        raise OmniIDError(
             f"{what} weights: {len(missing)} key(s) missing from the file, e.g. {_few(missing, prefix)}; the file is "
             f"incomplete or was saved for another encoder_type/config: re-save it with save_identity_weights "
             f"from a complete model")
     unexpected = [k for k in actual if k not in exp]
     if unexpected:
-        raise ValueError(
+        raise OmniIDError(
             f"{what} weights: {len(unexpected)} unexpected key(s) in the file, e.g. {_few(unexpected, prefix)}; the "
             f"file holds a different layout than its metadata describes: re-save it with save_identity_weights")
     for k, shape in exp.items():
         got = tuple(actual[k].shape)
         if got != shape:
-            raise ValueError(
+            raise OmniIDError(
                 f"{what} weights: shape mismatch for {prefix}{k}: file has {got}, model expects {shape}; the file's "
                 f"tensors do not match the config they are loaded with (token_dim, num_queries, ...): build the "
                 f"model from the file's metadata (load_identity_encoder) or re-save the file")
@@ -246,7 +247,7 @@ def read_metadata(path: PathLike) -> dict[str, str]:
         with safe_open(os.fspath(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); pick a .safetensors file saved by "
+        raise OmniIDError(f"{path} is not a readable safetensors file ({e}); pick a .safetensors file saved by "
                          "this node pack") from None
 
 
@@ -269,7 +270,7 @@ def load_identity_weights(path: PathLike, device: Union[str, torch.device] = "cp
             else:
                 other.append(key)
     if other:
-        raise ValueError(f"{path}: {len(other)} key(s) outside the encoder./proj. prefixes, e.g. {_few(other, '')}; "
+        raise OmniIDError(f"{path}: {len(other)} key(s) outside the encoder./proj. prefixes, e.g. {_few(other, '')}; "
                          "re-save the file with save_identity_weights")
     check_state_dict(expected_encoder_shapes(meta.config), encoder_sd, "encoder")
     log.info("loaded identity weights %s (%s for %s, version %s)", path, meta.encoder_type, meta.base_family,
@@ -306,7 +307,7 @@ def save_identity(path: PathLike, tokens: torch.Tensor, meta: Optional[Mapping[s
     Other values are stored as strings (non-strings as JSON).
     """
     if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point() or tokens.ndim not in (2, 3):
-        raise ValueError(f"identity tokens must be a float tensor (N_id, L, C) or (L, C), got "
+        raise OmniIDError(f"identity tokens must be a float tensor (N_id, L, C) or (L, C), got "
                          f"{getattr(tokens, 'shape', type(tokens))}")
     if tokens.ndim == 2:
         tokens = tokens.unsqueeze(0)
@@ -318,10 +319,10 @@ def save_identity(path: PathLike, tokens: torch.Tensor, meta: Optional[Mapping[s
     elif isinstance(sources, int):
         sources = [sources] * n_id
     elif len(sources) != n_id or not all(isinstance(s, int) for s in sources):
-        raise ValueError(f"num_source_images must be an int or {n_id} ints (one per identity), got {sources!r}")
+        raise OmniIDError(f"num_source_images must be an int or {n_id} ints (one per identity), got {sources!r}")
     clash = sorted(set(meta) & _IDENTITY_RESERVED)
     if clash:
-        raise ValueError(f"metadata keys {clash} are set by save_identity itself; remove them from meta")
+        raise OmniIDError(f"metadata keys {clash} are set by save_identity itself; remove them from meta")
     md = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     md.update({
         "format": IDENTITY_FORMAT,
@@ -344,15 +345,15 @@ def load_identity(path: PathLike, device: Union[str, torch.device] = "cpu") -> t
     md = read_metadata(path)
     fmt = md.get("format")
     if fmt == WEIGHTS_FORMAT:
-        raise ValueError(f"{path} holds identity encoder weights, not an encoded identity; load it with the "
+        raise OmniIDError(f"{path} holds identity encoder weights, not an encoded identity; load it with the "
                          "identity-weights loader and encode images with it")
     if fmt != IDENTITY_FORMAT:
-        raise ValueError(f"{path} is not an encoded identity file (metadata format={fmt!r}, expected "
+        raise OmniIDError(f"{path} is not an encoded identity file (metadata format={fmt!r}, expected "
                          f"{IDENTITY_FORMAT!r}); pick a file saved by save_identity")
     _check_version(md, IDENTITY_FORMAT_VERSION, str(path))
     with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
         if IDENTITY_KEY not in f.keys():
-            raise ValueError(f"{path} has no {IDENTITY_KEY!r} tensor; re-save it with save_identity")
+            raise OmniIDError(f"{path} has no {IDENTITY_KEY!r} tensor; re-save it with save_identity")
         tokens = f.get_tensor(IDENTITY_KEY)
     meta: dict[str, Any] = dict(md)
     try:
@@ -360,8 +361,8 @@ def load_identity(path: PathLike, device: Union[str, torch.device] = "cpu") -> t
             meta[k] = int(md[k])
         meta["num_source_images"] = [int(s) for s in json.loads(md.get("num_source_images", "[]"))]
     except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: malformed identity metadata ({e}); re-save it with save_identity") from None
+        raise OmniIDError(f"{path}: malformed identity metadata ({e}); re-save it with save_identity") from None
     if tokens.ndim != 3 or tuple(tokens.shape) != (meta["num_identities"], meta["num_tokens"], meta["token_dim"]):
-        raise ValueError(f"{path}: tensor shape {tuple(tokens.shape)} disagrees with its metadata "
+        raise OmniIDError(f"{path}: tensor shape {tuple(tokens.shape)} disagrees with its metadata "
                          f"({meta['num_identities']}, {meta['num_tokens']}, {meta['token_dim']}); re-save it with save_identity")
     return tokens, meta

@@ -7,7 +7,6 @@ of their ori_* twins as in the real file.
 import ast
 import os
 
-import pytest
 import torch
 
 import idportrait.guidance.flashface_keys as fk

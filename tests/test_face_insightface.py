@@ -139,7 +139,7 @@ def test_detector_without_key_points_is_rejected_cleanly(tmp_path):
     folder = tmp_path / "insightface" / "models" / "custom"
     os.makedirs(folder)
     build_genderage(str(folder / "only_attr.onnx"))
-    with pytest.raises(RuntimeError, match="no face detector"):
+    with pytest.raises(L.InsightFaceModelsMissing, match="no face detector"):
         L.load_insightface(str(tmp_path), "custom")
 
 

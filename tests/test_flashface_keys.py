@@ -4,7 +4,6 @@ The key list (all 2142 keys and shapes of the released flashface.ckpt) is shared
 the UNets are built with ComfyUI's classes on the meta device, so no weights are needed.
 """
 import ast
-import os
 import subprocess
 import sys
 

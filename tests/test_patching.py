@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 
-import comfy.sample
 import nodes
 
 import harness  # noqa: F401

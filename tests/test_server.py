@@ -2,7 +2,6 @@
 import json
 import os
 import time
-import urllib.request
 import uuid
 
 import pytest

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from ..encoder import OmniIDConfig
+from ...errors import TrainingError
 
 STAGES = ("mtd", "flow", "adapter", "pivot")
 
@@ -188,38 +189,38 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.stage not in STAGES:
-            raise ValueError(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
+            raise TrainingError(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
         lo, hi = input_range(self.data.num_inputs)
         if not 1 <= lo <= hi:
-            raise ValueError(f"data.num_inputs must be [min, max] with 1 <= min <= max, got {self.data.num_inputs}")
+            raise TrainingError(f"data.num_inputs must be [min, max] with 1 <= min <= max, got {self.data.num_inputs}")
         if hi > self.data.images_per_identity or self.data.num_targets > self.data.images_per_identity:
-            raise ValueError(f"data.num_inputs {self.data.num_inputs} / num_targets {self.data.num_targets} exceed "
+            raise TrainingError(f"data.num_inputs {self.data.num_inputs} / num_targets {self.data.num_targets} exceed "
                              f"images_per_identity {self.data.images_per_identity}")
         if self.data.disjoint and hi + self.data.num_targets > self.data.images_per_identity:
-            raise ValueError("data.disjoint needs max inputs + num_targets <= images_per_identity")
+            raise TrainingError("data.disjoint needs max inputs + num_targets <= images_per_identity")
         if self.data.num_targets < 1:
-            raise ValueError("data.num_targets must be >= 1")
+            raise TrainingError("data.num_targets must be >= 1")
         if not 0.0 <= self.mtd.mask_ratio < 1.0:
-            raise ValueError(f"mtd.mask_ratio must be in [0, 1), got {self.mtd.mask_ratio}")
+            raise TrainingError(f"mtd.mask_ratio must be in [0, 1), got {self.mtd.mask_ratio}")
         if self.mtd.loss_on not in ("all", "masked"):
-            raise ValueError("mtd.loss_on must be 'all' or 'masked'")
+            raise TrainingError("mtd.loss_on must be 'all' or 'masked'")
         if self.engine.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError("engine.mixed_precision must be no, bf16 or fp16")
+            raise TrainingError("engine.mixed_precision must be no, bf16 or fp16")
         if self.base.family not in ("flux", "sd15", "sdxl"):
-            raise ValueError(f"base.family must be flux, sd15 or sdxl, got {self.base.family!r}")
+            raise TrainingError(f"base.family must be flux, sd15 or sdxl, got {self.base.family!r}")
         if self.trunk.kind not in ("clip_vision", "tiny", "none"):
-            raise ValueError("trunk.kind must be clip_vision, tiny or none")
+            raise TrainingError("trunk.kind must be clip_vision, tiny or none")
         if self.base.kind not in ("files", "tiny"):
-            raise ValueError("base.kind must be files or tiny")
+            raise TrainingError("base.kind must be files or tiny")
         if self.data.mask not in ("auto", "file", "ellipse", "none"):
-            raise ValueError("data.mask must be auto, file, ellipse or none")
+            raise TrainingError("data.mask must be auto, file, ellipse or none")
         if self.data.align not in ("none", "detect"):
-            raise ValueError("data.align must be none or detect")
+            raise TrainingError("data.align must be none or detect")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.max_steps < 1:
-            raise ValueError("optim.batch_size, grad_accum and max_steps must be >= 1")
+            raise TrainingError("optim.batch_size, grad_accum and max_steps must be >= 1")
         self.encoder_config  # raises on bad encoder fields
         if self.stage == "mtd" and self.target_resolution % self.mtd.patch:
-            raise ValueError(f"MTD resolution {self.target_resolution} is not a multiple of the patch size {self.mtd.patch}")
+            raise TrainingError(f"MTD resolution {self.target_resolution} is not a multiple of the patch size {self.mtd.patch}")
 
     # -- serialisation
     def to_dict(self) -> dict:
@@ -238,7 +239,7 @@ class TrainConfig:
         data = dict(data or {})
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; see omni_encoder/train/config.py")
+            raise TrainingError(f"unknown config keys {unknown}; see omni_encoder/train/config.py")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in data:
@@ -267,7 +268,7 @@ def input_range(num_inputs) -> tuple[int, int]:
     if len(vals) == 1:
         return vals[0], vals[0]
     if len(vals) != 2:
-        raise ValueError(f"data.num_inputs must be n or [min, max], got {num_inputs}")
+        raise TrainingError(f"data.num_inputs must be n or [min, max], got {num_inputs}")
     return vals[0], vals[1]
 
 
@@ -283,7 +284,7 @@ def _section(kind, value, name):
     fields = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(value) - set(fields))
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in config section {name!r}")
+        raise TrainingError(f"unknown keys {unknown} in config section {name!r}")
     return kind(**{k: _coerce(fields[k], v, f"{name}.{k}") for k, v in value.items()})
 
 
@@ -298,7 +299,7 @@ def _coerce(f, v, where: str):
         if isinstance(default, int) and isinstance(v, str):
             return int(v)
     except ValueError:
-        raise ValueError(f"config {where}={v!r} is not a valid {type(default).__name__}") from None
+        raise TrainingError(f"config {where}={v!r} is not a valid {type(default).__name__}") from None
     return v
 
 
@@ -309,16 +310,16 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     data = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise TrainingError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         value: Any = yaml.safe_load(raw)
         parts = key.strip().split(".")
         node = data
         for p in parts[:-1]:
             if not isinstance(node, dict) or p not in node:
-                raise ValueError(f"override {item!r}: no config section {p!r}")
+                raise TrainingError(f"override {item!r}: no config section {p!r}")
             node = node[p]
         if parts[-1] not in node and not (len(parts) == 2 and parts[0] == "encoder"):
-            raise ValueError(f"override {item!r}: unknown key {parts[-1]!r}")
+            raise TrainingError(f"override {item!r}: unknown key {parts[-1]!r}")
         node[parts[-1]] = value
     return TrainConfig.from_dict(data)

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .data import IMAGE_EXTS, template_face_mask
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def curate(inputs: Sequence[str], out: str, cfg: CurateConfig = CurateConfig(), 
     """Curate every source under ``inputs`` into ``out``; already finished sources are skipped."""
     from tqdm.auto import tqdm
     if tools is None:
-        raise ValueError("curation needs a face-embedding function: pass --insightface MODELS_ROOT (insightface "
+        raise TrainingError("curation needs a face-embedding function: pass --insightface MODELS_ROOT (insightface "
                          "ArcFace) or FaceTools(embed=...)")
     if not isinstance(tools, FaceTools):
         tools = FaceTools(embed=tools.embed, detect=tools.detect, pose=tools.pose)

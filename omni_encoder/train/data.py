@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from .config import DataConfig, input_range
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def discover_identities(root: str) -> list[IdentityRecord]:
         if imgs:
             out.append(IdentityRecord(name, imgs, [_mask_for(p) for p in imgs]))
     if not out:
-        raise ValueError(f"no identity folders with images under {root}; expected {root}/<identity>/*.png")
+        raise TrainingError(f"no identity folders with images under {root}; expected {root}/<identity>/*.png")
     return out
 
 
@@ -94,12 +95,12 @@ def read_manifest(path: str) -> list[IdentityRecord]:
     out = []
     for i, row in enumerate(rows):
         if "images" not in row:
-            raise ValueError(f"{path}: entry {i} has no 'images' list")
+            raise TrainingError(f"{path}: entry {i} has no 'images' list")
         imgs = [p if os.path.isabs(p) else os.path.join(base, p) for p in row["images"]]
         masks = row.get("masks") or [None] * len(imgs)
         masks = [None if m is None else (m if os.path.isabs(m) else os.path.join(base, m)) for m in masks]
         if len(masks) != len(imgs):
-            raise ValueError(f"{path}: entry {i} has {len(imgs)} images but {len(masks)} masks")
+            raise TrainingError(f"{path}: entry {i} has {len(imgs)} images but {len(masks)} masks")
         masks = [m if m is not None else _mask_for(p) for p, m in zip(imgs, masks)]
         out.append(IdentityRecord(str(row.get("id", i)), imgs, masks))
     return out
@@ -111,7 +112,7 @@ def load_records(cfg: DataConfig) -> list[IdentityRecord]:
     if cfg.root:
         manifest = os.path.join(cfg.root, "manifest.jsonl")
         return read_manifest(manifest) if os.path.isfile(manifest) else discover_identities(cfg.root)
-    raise ValueError("set data.root (folder per identity) or data.manifest")
+    raise TrainingError("set data.root (folder per identity) or data.manifest")
 
 
 def split_identities(records: Sequence[IdentityRecord], holdout: Sequence[str] = (), fraction: float = 0.0,
@@ -120,7 +121,7 @@ def split_identities(records: Sequence[IdentityRecord], holdout: Sequence[str] =
     names = {r.name for r in records}
     missing = sorted(set(holdout) - names)
     if missing:
-        raise ValueError(f"held-out identities {missing} are not in the dataset")
+        raise TrainingError(f"held-out identities {missing} are not in the dataset")
     held = set(holdout)
     if fraction > 0:
         rest = sorted(names - held)
@@ -156,7 +157,7 @@ def few_to_many_split(num_images: int, num_inputs, num_targets: int, disjoint: b
     """
     lo, hi = input_range(num_inputs)
     if hi > num_images or num_targets > num_images or (disjoint and hi + num_targets > num_images):
-        raise ValueError(f"cannot draw {num_inputs} inputs and {num_targets} targets from {num_images} images")
+        raise TrainingError(f"cannot draw {num_inputs} inputs and {num_targets} targets from {num_images} images")
     k = int(torch.randint(lo, hi + 1, (1,), generator=g))
     perm = torch.randperm(num_images, generator=g).tolist()
     inputs = sorted(perm[:k])
@@ -227,7 +228,7 @@ def align_on_load(image: torch.Tensor, size: int, padding: float) -> tuple[torch
     img = image.permute(1, 2, 0)[None]
     faces = face_detect.select_faces(face_detect.detect_faces(img)[0], "largest", 0)
     if not faces:
-        raise ValueError("no face found")
+        raise TrainingError("no face found")
     crop = face_align.align_faces(img, faces, size=size, padding=padding).crops[0].permute(2, 0, 1)
     return crop, template_face_mask(size, padding)[None]
 
@@ -271,7 +272,7 @@ class IdentityDataset(Dataset):
         if len(kept) < len(records):
             log.warning("skipping %d identities with fewer than %d images", len(records) - len(kept), need)
         if not kept:
-            raise ValueError(f"no identity has at least {need} images")
+            raise TrainingError(f"no identity has at least {need} images")
         self.records, self.cfg, self.seed = list(kept), cfg, int(seed)
         self.target_size, self.input_size = int(target_size), int(input_size or cfg.input_resolution)
         self._aligned: dict = {}

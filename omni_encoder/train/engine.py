@@ -39,6 +39,7 @@ from .data import EpochSampler, IdentityDataset, collate_identities, load_record
 from .export import (export_identity_weights, export_stage1, export_trunk, load_adapter_init, load_encoder_init,
                      load_trunk_init)
 from .trunk import build_trunk, checkpoint_modules, trunk_state_dict
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,11 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
         from .pivot import build_pivot_stage
         return build_pivot_stage(cfg, device, trunk, encoder)
     if trunk is not None and encoder.uses_clip and hasattr(trunk, "width") and trunk.width != enc_cfg.clip_dim:
-        raise ValueError(f"the CLIP trunk gives tokens of width {trunk.width} but encoder.clip_dim is "
+        raise TrainingError(f"the CLIP trunk gives tokens of width {trunk.width} but encoder.clip_dim is "
                          f"{enc_cfg.clip_dim}; set encoder.clip_dim (CLIP-H: 1280)")
     if trunk is not None and encoder.uses_clip and hasattr(trunk, "tokens_per_image") and \
             trunk.tokens_per_image != enc_cfg.tokens_per_image:
-        raise ValueError(f"the CLIP trunk gives {trunk.tokens_per_image} tokens per image but encoder.tokens_per_image "
+        raise TrainingError(f"the CLIP trunk gives {trunk.tokens_per_image} tokens per image but encoder.tokens_per_image "
                          f"is {enc_cfg.tokens_per_image}; set it (CLIP-H at 224 px: 257)")
     if cfg.stage == "adapter" and enc_cfg.encoder_type == "omni_id":
         encoder.requires_grad_(False)   # a pretrained Omni-ID is a frozen representation here
@@ -180,7 +181,7 @@ def param_groups(module: nn.Module, trunk: Optional[nn.Module], cfg: TrainConfig
         key = (decay, scale)
         groups.setdefault(key, []).append(p)
     if not groups:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise TrainingError("nothing to train: every parameter is frozen")
     return [{"params": ps, "weight_decay": cfg.optim.weight_decay if d else 0.0, "lr": cfg.optim.lr * s}
             for (d, s), ps in groups.items()]
 
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig, *, arcface_fn: Optional[Callable] = None, resume: Op
             json.dump(sorted(r.name for r in held), f, indent=1)
     ds, sampler, dl = build_loader(cfg, train_records)
     if len(ds) < cfg.optim.batch_size * acc.num_processes:
-        raise ValueError(f"{len(ds)} identities cannot fill one batch of {cfg.optim.batch_size} x "
+        raise TrainingError(f"{len(ds)} identities cannot fill one batch of {cfg.optim.batch_size} x "
                          f"{acc.num_processes} processes")
 
     opt = torch.optim.AdamW(param_groups(module, stage.trunk, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

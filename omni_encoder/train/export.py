@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..encoder import OmniIDConfig
 from ..weights import (ENCODER_PREFIX, IdentityWeightsMeta, WEIGHTS_FORMAT, check_state_dict, expected_encoder_shapes,
                        read_metadata, save_identity_weights)
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def read_encoder_weights(path: str) -> tuple[OmniIDConfig, dict]:
     """(config, encoder state dict) from a stage-1 file or an Omni-ID weight file."""
     md = read_metadata(path)
     if md.get("format") not in (STAGE1_FORMAT, WEIGHTS_FORMAT):
-        raise ValueError(f"{path} is neither a stage-1 encoder file nor an Omni-ID weight file (format="
+        raise TrainingError(f"{path} is neither a stage-1 encoder file nor an Omni-ID weight file (format="
                          f"{md.get('format')!r})")
     cfg = OmniIDConfig.from_dict(md)
     sd = {}
@@ -79,7 +80,7 @@ def load_encoder_init(path: str, encoder) -> None:
     theirs = {k: v for k, v in cfg.to_dict().items() if k != "version"}
     if mine != theirs:
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs.get(k)}
-        raise ValueError(f"{path} holds an encoder with another config (file vs run: {diff}); set the run's "
+        raise TrainingError(f"{path} holds an encoder with another config (file vs run: {diff}); set the run's "
                          "encoder section to the file's")
     check_state_dict(expected_encoder_shapes(encoder.config), sd, "encoder")
     encoder.load_state_dict(sd, strict=True)
@@ -90,7 +91,7 @@ def load_adapter_init(path: str, adapter, family: str) -> None:
     from ..weights import load_identity_weights
     meta, _, proj = load_identity_weights(path)
     if meta.base_family != family:
-        raise ValueError(f"{path} was trained for {meta.base_family}, this run's base is {family}")
+        raise TrainingError(f"{path} was trained for {meta.base_family}, this run's base is {family}")
     if family == "flux":
         adapter.load_flat(proj, strict=True)
     else:
@@ -103,7 +104,7 @@ def load_trunk_init(path: str, trunk) -> None:
     inner = getattr(trunk, "vision", trunk)
     missing, unexpected = inner.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise TrainingError(f"{path} does not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 __all__ = ["export_identity_weights", "export_stage1", "export_trunk", "read_encoder_weights", "load_encoder_init",

@@ -39,6 +39,7 @@ from ...guidance.differentiable import comfy_training_mode
 from ...guidance.patching import apply_injector, unet_attention_module
 from .data import first_identity, generator, sample_seed
 from .trunk import checkpoint_modules, ensure_trainable_tensors, protect_inplace
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ class IdentityEncoding(nn.Module):
         self.trunk = trunk
         self.arcface_fn = arcface_fn
         if encoder.uses_clip and trunk is None:
-            raise ValueError(f"the {encoder.encoder_type} encoder needs a CLIP trunk (trunk.kind)")
+            raise TrainingError(f"the {encoder.encoder_type} encoder needs a CLIP trunk (trunk.kind)")
         if encoder.uses_arcface and arcface_fn is None:
-            raise ValueError(f"the {encoder.encoder_type} encoder needs ArcFace embeddings: pass arcface_fn "
+            raise TrainingError(f"the {encoder.encoder_type} encoder needs ArcFace embeddings: pass arcface_fn "
                              "(insightface, see omni_encoder/train/faces.py)")
 
     @property
@@ -229,13 +230,13 @@ def load_base(cfg, device=None):
     model_options = {"dtype": dtype} if dtype is not None else {}
     if cfg.family == "flux":
         if not (cfg.unet and cfg.clip and cfg.vae):
-            raise ValueError("a FLUX base needs base.unet (flux1-dev), base.clip [clip_l, t5xxl] and base.vae (ae)")
+            raise TrainingError("a FLUX base needs base.unet (flux1-dev), base.clip [clip_l, t5xxl] and base.vae (ae)")
         model = comfy.sd.load_diffusion_model(cfg.unet, model_options=model_options)
         clip = comfy.sd.load_clip(list(cfg.clip), clip_type=comfy.sd.CLIPType.FLUX)
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(cfg.vae))
         return model, clip, vae
     if not cfg.checkpoint:
-        raise ValueError(f"an {cfg.family} base needs base.checkpoint (a full checkpoint with CLIP and VAE)")
+        raise TrainingError(f"an {cfg.family} base needs base.checkpoint (a full checkpoint with CLIP and VAE)")
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(cfg.checkpoint, output_vae=True, output_clip=True,
                                                                 model_options=model_options)
     if cfg.vae:
@@ -266,7 +267,7 @@ class DiffusionDecoder:
         from ...guidance.patching import model_family
         got = model_family(patcher)
         if got != family:
-            raise ValueError(f"base.family is {family} but the loaded model is {got}")
+            raise TrainingError(f"base.family is {family} but the loaded model is {got}")
         self.family, self.cfg, self.device = family, cfg, device
         self.patcher, self.vae = patcher, vae
         base = patcher.model
@@ -281,11 +282,11 @@ class DiffusionDecoder:
         if isinstance(self.sampling, comfy.model_sampling.CONST):
             self.prediction = "flow"
         elif isinstance(self.sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.X0)):
-            raise ValueError(f"{type(self.sampling).__name__} models are not supported by the trainer (EPS or flow only)")
+            raise TrainingError(f"{type(self.sampling).__name__} models are not supported by the trainer (EPS or flow only)")
         elif isinstance(self.sampling, comfy.model_sampling.EPS):
             self.prediction = "eps"
         else:
-            raise ValueError(f"unsupported model sampling {type(self.sampling).__name__}")
+            raise TrainingError(f"unsupported model sampling {type(self.sampling).__name__}")
         self.injector = TrainableIdentityInjector(adapter, family)
         self.patched = apply_injector(patcher, self.injector)
         self.capture = _Capture()
@@ -294,7 +295,7 @@ class DiffusionDecoder:
         self.latent_cache: dict = {}
         if clip is None:   # conditioning given directly ({"cross_attn": (1, T, C), "pooled": (1, D) or None})
             if prompt_cond is None:
-                raise ValueError("DiffusionDecoder needs a text encoder (clip) or prompt_cond")
+                raise TrainingError("DiffusionDecoder needs a text encoder (clip) or prompt_cond")
             self.cond, self.empty = prompt_cond, None
         else:
             self.cond = self._encode_prompt(clip, cfg.prompt)

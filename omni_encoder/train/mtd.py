@@ -26,6 +26,7 @@ from torch import nn
 
 from ..encoder import CrossAttentionBlock, SelfAttentionBlock
 from .data import first_identity, generator, sample_seed
+from ...errors import TrainingError
 
 STREAM_PATCHES = 21
 
@@ -34,7 +35,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, (H/p)*(W/p), C*p*p), patches in raster order."""
     n, c, h, w = images.shape
     if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+        raise TrainingError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
     x = images.reshape(n, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // patch) * (w // patch), c * patch * patch)
 
@@ -90,9 +91,9 @@ class MaskedTransformerDecoder(nn.Module):
                  mlp_ratio: float = 4.0, cross_blocks: int = 6, self_blocks: int = 2, channels: int = 3):
         super().__init__()
         if image_size % patch:
-            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
+            raise TrainingError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         if dim % heads:
-            raise ValueError(f"decoder dim {dim} is not divisible by heads {heads}")
+            raise TrainingError(f"decoder dim {dim} is not divisible by heads {heads}")
         self.image_size, self.patch, self.channels = image_size, patch, channels
         self.grid = image_size // patch
         self.num_patches = self.grid * self.grid
@@ -146,7 +147,7 @@ class MTDStage(nn.Module):
         tokens, key_mask = self.identity(batch["inputs"], batch["input_mask"])
         x = targets.flatten(0, 1) * 2 - 1
         if x.shape[-1] != self.decoder.image_size:
-            raise ValueError(f"targets are {x.shape[-1]} px but the decoder was built for {self.decoder.image_size}")
+            raise TrainingError(f"targets are {x.shape[-1]} px but the decoder was built for {self.decoder.image_size}")
         face = batch["target_masks"].flatten(0, 1).to(x.dtype)
         masked, hidden, pix = self.corrupt(x, batch["seeds"], r)
         ident = tokens.repeat_interleave(r, 0)

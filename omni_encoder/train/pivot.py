@@ -32,6 +32,7 @@ from ...guidance.patching import Injector, apply_injector
 from ..pivot_id import PivotIDEncoder, face_localization_loss, find_token_indices
 from .flow import STREAM_NOISE, STREAM_T, _Capture, load_base, stream
 from .trunk import ensure_trainable_tensors
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class PivotStage(nn.Module):
         from ...guidance.patching import model_family
         self.family = model_family(patcher)
         if self.family not in ("sd15", "sdxl"):
-            raise ValueError(f"the Pivot ID trainer needs an SD1.5/SDXL base, got {self.family}")
+            raise TrainingError(f"the Pivot ID trainer needs an SD1.5/SDXL base, got {self.family}")
         ensure_trainable_tensors(base)
         base.requires_grad_(False)
         base.eval()
@@ -145,7 +146,7 @@ class PivotStage(nn.Module):
             self.probe.maps, self.probe.token_index, self.capture.out = [], None, None
         l_diff = ((eps - noise) ** 2).flatten(1).mean(1)
         if not maps:
-            raise ValueError(f"no cross-attention layer has a {self.cfg.pivot.loc_grid}x{self.cfg.pivot.loc_grid} "
+            raise TrainingError(f"no cross-attention layer has a {self.cfg.pivot.loc_grid}x{self.cfg.pivot.loc_grid} "
                              "token grid at this resolution; set pivot.loc_grid to one the model has")
         a = torch.stack(maps, 1)                                 # (B, layers, h, w)
         l_loc = face_localization_loss(a.float(), face.float(), eta=self.cfg.pivot.eta)
@@ -155,7 +156,7 @@ class PivotStage(nn.Module):
 def build_pivot_stage(cfg, device, trunk, _encoder):
     from .engine import Stage
     if trunk is None:
-        raise ValueError("the Pivot ID trainer needs a CLIP trunk for e_ref (trunk.kind)")
+        raise TrainingError("the Pivot ID trainer needs a CLIP trunk for e_ref (trunk.kind)")
     patcher, clip, vae = load_base(cfg.base, device)
     text_dim = None
     tokens = clip.tokenize(cfg.base.prompt)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...guidance.differentiable import comfy_training_mode
+from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +258,11 @@ def build_trunk(cfg, device: Optional[torch.device] = None, output: str = "penul
         cv = tiny_clip_vision(cfg.seed, cfg.image_size)
     else:
         if not cfg.path:
-            raise ValueError("trunk.path must name a CLIP vision file (e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)")
+            raise TrainingError("trunk.path must name a CLIP vision file (e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)")
         import comfy.clip_vision
         cv = comfy.clip_vision.load(cfg.path)
         if cv is None:
-            raise ValueError(f"{cfg.path} is not a CLIP vision model ComfyUI can load")
+            raise TrainingError(f"{cfg.path} is not a CLIP vision model ComfyUI can load")
     trunk = CLIPTrunk.from_comfy(cv)
     ensure_trainable_tensors(trunk)
     # fp32 weights: master weights when trained (mixed precision comes from autocast); when frozen, no
