@@ -85,7 +85,7 @@ def _one(name, full, steps, size, threads):
     import comfy.sample
     from idportrait.guidance import flashface as FF
     from idportrait.guidance import flashface_checkpoint as ffc
-    from idportrait.nodes import tiny_models as tm
+    from idportrait.stand_ins import models as tm
 
     layout, n_refs, launch = CONFIGS[name] if name != "components" else ("flashface", 0, None)
     dev = mm.get_torch_device()

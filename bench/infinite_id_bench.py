@@ -31,7 +31,7 @@ import comfy.sample  # noqa: E402
 
 from idportrait.guidance import infinite_id as I  # noqa: E402
 from idportrait.guidance import ip_adapter as IP  # noqa: E402
-from idportrait.nodes import tiny_models as tm  # noqa: E402
+from idportrait.stand_ins import models as tm  # noqa: E402
 
 VARIANTS = {
     "plain": None,

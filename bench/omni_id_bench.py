@@ -21,7 +21,7 @@ import comfy.model_management as mm  # noqa: E402
 
 from idportrait.guidance import ip_adapter as IP  # noqa: E402
 from idportrait.guidance.patching import apply_injector  # noqa: E402
-from idportrait.nodes import tiny_models as tm  # noqa: E402
+from idportrait.stand_ins import models as tm  # noqa: E402
 
 
 def full_model(family, dtype):

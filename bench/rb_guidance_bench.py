@@ -65,7 +65,7 @@ def late_point(family, model):
 
 
 def full_model(family, dtype):
-    from idportrait.nodes import tiny_models as tm
+    from idportrait.stand_ins import models as tm
     return tm.full_size_model(family, dtype)
 
 
@@ -76,7 +76,7 @@ def one(family, point, p, steps, size, full, threads):
     import comfy.sample
     import comfy.samplers
     from idportrait.guidance import rb_guidance as RG
-    from idportrait.nodes import tiny_models as tm
+    from idportrait.stand_ins import models as tm
 
     dev = mm.get_torch_device()
     if dev.type == "cpu":

@@ -124,7 +124,7 @@ def full_runs(steps, root, out):
     """Paper-size architectures with random weights (GPU only)."""
     import comfy.model_patcher
     import comfy.supported_models as sm
-    from idportrait.nodes import tiny_models as tm
+    from idportrait.stand_ins import models as tm
     from idportrait.omni_encoder.train import trunk as TR
     from idportrait.omni_encoder.train.engine import Stage
     from idportrait.omni_encoder.train.flow import DiffusionDecoder, FlowStage, IdentityEncoding, build_adapter

@@ -13,7 +13,7 @@ from idportrait.guidance import ip_adapter as IP
 from idportrait.nodes import face_tools as FT
 from idportrait.nodes import flashface as FN
 from idportrait.nodes import omni_id as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from idportrait.nodes.inputs import rgb_images
 
 

@@ -48,7 +48,7 @@ def prepare_files(ui):
                 import folder_paths
                 import torch
                 from flashface_tiny import tiny_state_dict
-                from idportrait.nodes import tiny_models as tm
+                from idportrait.stand_ins import models as tm
                 d = os.path.join(harness.BASE_DIR, "models", "flashface")
                 os.makedirs(d, exist_ok=True)
                 folder_paths.add_model_folder_path("flashface", d)

@@ -23,7 +23,7 @@ from idportrait.face import align, detect, evaluate, landmarks, metrics
 from idportrait.face import insightface_loader as L
 from idportrait.face.types import uint8_to_image
 from idportrait.nodes import face_tools as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 

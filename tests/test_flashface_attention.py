@@ -16,7 +16,7 @@ import nodes
 import harness  # noqa: F401
 from idportrait.guidance import flashface as FF
 from idportrait.guidance import patching as P
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from flashface_tiny import tiny_state_dict
 
 SIZE = 16   # latent side (128 px)

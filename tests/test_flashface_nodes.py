@@ -15,7 +15,7 @@ import harness
 import idportrait.guidance.flashface_checkpoint as ffc
 from idportrait.guidance import flashface as FF
 from idportrait.nodes import flashface as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from flashface_tiny import tiny_state_dict
 
 MODELS = os.path.join(harness.BASE_DIR, "models", "flashface")

@@ -12,7 +12,7 @@ from idportrait.guidance import infinite_id as I
 from idportrait.guidance import patching as P
 from idportrait.nodes import infinite_id as NI
 from idportrait.nodes import omni_id as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from test_ip_adapter import _adapter, _tokens
 from test_omni_id_nodes import _latest_latent, workflow, write_weights
 

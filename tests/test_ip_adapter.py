@@ -7,7 +7,7 @@ import comfy.utils
 import harness  # noqa: F401
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from test_patching import Recorder, sample
 
 TOKEN_DIM = 32

@@ -9,7 +9,7 @@ import folder_paths
 import harness
 from idportrait.guidance import ip_adapter as IP
 from idportrait.nodes import omni_id as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from idportrait.omni_encoder import weights as W
 from idportrait.omni_encoder.encoder import OmniIDConfig, OmniIDEncoder
 

@@ -8,7 +8,7 @@ import nodes
 
 import harness  # noqa: F401
 from idportrait.guidance import patching as P
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 
 FAMILIES = tm.FAMILIES
 

@@ -19,7 +19,7 @@ from idportrait.guidance import patching as P
 from idportrait.guidance import rb_energy as rb
 from idportrait.guidance import rb_guidance as RG
 from idportrait.guidance.differentiable import comfy_training_mode
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from test_ip_adapter import _adapter, _tokens
 
 SIZE = 16            # latent side; images are 8x

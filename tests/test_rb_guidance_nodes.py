@@ -8,7 +8,7 @@ import torch
 import harness
 from idportrait.guidance import rb_guidance as RG
 from idportrait.nodes import rb_guidance as NRB
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from test_omni_id_nodes import write_weights
 
 IMG = 128

@@ -3,7 +3,7 @@ import torch
 import pytest
 
 import harness
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 
 
 def _workflow(family, seed=0, steps=2, size=64):

@@ -13,7 +13,7 @@ import nodes as comfy_nodes
 import harness  # noqa: F401
 from idportrait.guidance.patching import apply_injector
 from idportrait.nodes import omni_id as N
-from idportrait.nodes import tiny_models as tm
+from idportrait.stand_ins import models as tm
 from idportrait.omni_encoder.train import flow as FL
 from idportrait.omni_encoder.train import synthetic as S
 from idportrait.omni_encoder.train import trunk as TR

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -38,6 +37,10 @@ from .config import TrainConfig
 from .data import EpochSampler, IdentityDataset, collate_identities, load_records, save_image_grid, split_identities
 from .export import (export_identity_weights, export_stage1, export_trunk, load_adapter_init, load_encoder_init,
                      load_trunk_init)
+from .flow import DiffusionDecoder, FlowStage, IdentityEncoding, adapter_proj_state, build_adapter, load_base
+from .mtd import MTDStage, MaskedTransformerDecoder
+from .pivot import build_pivot_stage, export_pivot
+from .stage import Stage
 from .trunk import build_trunk, checkpoint_modules, trunk_state_dict
 from ...errors import TrainingError
 
@@ -102,18 +105,8 @@ class EMA:
 # Building a stage
 
 
-@dataclass
-class Stage:
-    module: nn.Module            # trainable module: forward(batch) -> {"loss", ...}; reconstruct(batch) -> rows
-    encoder: nn.Module
-    trunk: Optional[nn.Module]
-    adapter: Optional[nn.Module] = None
-    family: str = ""
-    notes: tuple = ()
-
 
 def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Callable] = None) -> Stage:
-    from .flow import IdentityEncoding
     enc_cfg = cfg.encoder_config
     encoder = build_encoder(enc_cfg)
     if cfg.init.encoder:
@@ -127,7 +120,6 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
     if trunk is not None and cfg.init.trunk:
         load_trunk_init(cfg.init.trunk, trunk)
     if cfg.stage == "pivot":
-        from .pivot import build_pivot_stage
         return build_pivot_stage(cfg, device, trunk, encoder)
     if trunk is not None and encoder.uses_clip and hasattr(trunk, "width") and trunk.width != enc_cfg.clip_dim:
         raise TrainingError(f"the CLIP trunk gives tokens of width {trunk.width} but encoder.clip_dim is "
@@ -145,14 +137,12 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
         log.info("gradient checkpointing on %d encoder/trunk blocks", n)
     identity = IdentityEncoding(encoder, trunk, arcface_fn)
     if cfg.stage == "mtd":
-        from .mtd import MTDStage, MaskedTransformerDecoder
         m = cfg.mtd
         decoder = MaskedTransformerDecoder(encoder.output_dim, cfg.target_resolution, m.patch, m.dim, m.heads,
                                            m.mlp_ratio, m.cross_blocks, m.self_blocks)
         if cfg.engine.gradient_checkpointing:
             checkpoint_modules(decoder.blocks())
         return Stage(MTDStage(identity, decoder, m.mask_ratio, m.loss_on), encoder, trunk)
-    from .flow import DiffusionDecoder, FlowStage, build_adapter, load_base
     patcher, clip, vae = load_base(cfg.base, device)
     adapter = build_adapter(cfg.base.family, patcher.model.diffusion_model, encoder.output_dim, cfg.base.hidden_init)
     if cfg.init.adapter:
@@ -449,10 +439,8 @@ def export_run(cfg: TrainConfig, stage: Stage, raw: nn.Module, ema: Optional[EMA
         if cfg.stage == "mtd":
             files["encoder"] = export_stage1(os.path.join(out, "encoder_stage1.safetensors"), stage.encoder, extra)
         elif cfg.stage == "pivot":
-            from .pivot import export_pivot
             files["pivot"] = export_pivot(os.path.join(out, cfg.export.name or "pivot_id.safetensors"), stage, extra)
         else:
-            from .flow import adapter_proj_state
             name = cfg.export.name or f"omni_id_{stage.family}.safetensors"
             if stage.encoder.config.encoder_type != "omni_id" and not cfg.export.name:
                 name = f"{stage.encoder.config.encoder_type}_{stage.family}.safetensors"

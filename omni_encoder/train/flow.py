@@ -222,7 +222,7 @@ def adapter_proj_state(adapter: nn.Module, family: str) -> dict:
 def load_base(cfg, device=None):
     """(ModelPatcher, CLIP, VAE) of the configured base: ComfyUI files, or the tiny stand-ins."""
     if cfg.kind == "tiny":
-        from ...nodes import tiny_models as tm
+        from ...stand_ins import models as tm
         return tm.tiny_model(cfg.family, cfg.seed), tm.tiny_clip(cfg.seed), tm.tiny_vae(cfg.family, cfg.seed)
     import comfy.sd
     import comfy.utils

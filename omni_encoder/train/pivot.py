@@ -31,6 +31,7 @@ from ...guidance.differentiable import comfy_training_mode
 from ...guidance.patching import Injector, apply_injector
 from ..pivot_id import PivotIDEncoder, face_localization_loss, find_token_indices
 from .flow import STREAM_NOISE, STREAM_T, _Capture, load_base, stream
+from .stage import Stage
 from .trunk import ensure_trainable_tensors
 from ...errors import TrainingError
 
@@ -154,7 +155,6 @@ class PivotStage(nn.Module):
 
 
 def build_pivot_stage(cfg, device, trunk, _encoder):
-    from .engine import Stage
     if trunk is None:
         raise TrainingError("the Pivot ID trainer needs a CLIP trunk for e_ref (trunk.kind)")
     patcher, clip, vae = load_base(cfg.base, device)

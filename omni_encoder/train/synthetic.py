@@ -3,7 +3,7 @@
 ``make_identity_dataset`` writes a dataset in the trainer's layout (data.py) whose identities differ in
 colours and face shape, and whose images of one identity differ in "pose" (the face moves and turns),
 so a model can learn something identity-specific. ``tiny_config`` is a complete run configuration
-around the tiny stand-in models of ``nodes/tiny_models.py``.
+around the tiny stand-in models of ``stand_ins/models.py``.
 """
 from __future__ import annotations
 

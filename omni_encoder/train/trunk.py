@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Iterable, Optional
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...guidance.differentiable import comfy_training_mode
+from ...stand_ins.models import tiny_clip_vision   # the trainer's "tiny" trunk (kept a module name: benches swap it)
 from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -228,26 +228,6 @@ class TokenTrunk(nn.Module):
 
     def blocks(self) -> list:
         return []
-
-
-def tiny_clip_vision(seed: int = 0, image_size: int = 224, width: int = 64, layers: int = 3, heads: int = 2):
-    """ComfyUI's CLIP vision model (``comfy.clip_vision.ClipVisionModel``), tiny and seeded: patch 14,
-    ``(image_size / 14)^2 + 1`` tokens of width ``width``. At 224 px it is nodes/tiny_models.py's stand-in."""
-    import json
-    import tempfile
-    import comfy.clip_vision
-    from ...nodes import tiny_models
-    cfg = {"hidden_act": "gelu", "hidden_size": width, "image_size": image_size, "intermediate_size": 4 * width,
-           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": heads, "num_channels": 3,
-           "num_hidden_layers": layers, "patch_size": 14, "projection_dim": width}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg, f)
-    try:
-        cv = comfy.clip_vision.ClipVisionModel(f.name)
-    finally:
-        os.unlink(f.name)
-    tiny_models.randomize_(cv.model, seed + 3)
-    return cv
 
 
 def build_trunk(cfg, device: Optional[torch.device] = None, output: str = "penultimate") -> Optional[nn.Module]:
