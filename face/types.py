@@ -97,3 +97,15 @@ def faces_to_boxes(faces: list[FaceDetection]) -> torch.Tensor:
     if not faces:
         return torch.zeros(0, 4)
     return torch.from_numpy(np.stack([f.bbox for f in faces])).float()
+
+
+def rgb_images(image: Optional[torch.Tensor], what: str, fix: str = "connect one or more images",
+               error: type = InputError) -> torch.Tensor:
+    """A ComfyUI IMAGE batch (B, H, W, C) as RGB (see ``to_rgb``). Raises ``error`` naming ``what`` for a missing or
+    empty batch, or an image that is not one."""
+    if image is None or image.ndim != 4 or image.shape[0] == 0:
+        raise error(f"{what}: the image batch is empty; {fix}")
+    try:
+        return to_rgb(image)
+    except ValueError as e:
+        raise error(f"{what}: {e}") from e

@@ -27,8 +27,8 @@ How the batch is built (all public ComfyUI extension points):
   same noise and the same start latent), the sampler runs as usual, and the first N rows (or all 2N
   with ``output="text + identity streams"``) come back. Previews see the rows that come back.
 * ``CALC_COND_BATCH`` wrapper: per step, inside the coupling window, one model call holds both
-  streams (layout ``(("text", N), ("identity", N))`` in every cond/uncond chunk, see
-  ``patching.STREAMS_KEY``). Outside the window the streams do not interact, so they run as two
+  streams (row layout ``(("text", N), ("identity", N))`` in every cond/uncond chunk, see
+  guidance/rows.py). Outside the window the streams do not interact, so they run as two
   calls (text rows alone are then computed exactly as without this patch, whatever the kernels do
   with batch size), and after the window the identity stream, no longer needed, is not run at all
   (its rows are held still) unless its output was asked for.
@@ -45,25 +45,26 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Callable, Iterable, Optional
+import types
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
-import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..omni_encoder import mixing
-from . import ip_adapter as ipa
-from .patching import (STREAMS_KEY, CallContext, Injector, apply_injector, chain_attention_override, current_layer,
-                       model_family, row_mask, stream_layout, stream_pairs, stream_rows, unet_block_keys)
 from ..errors import InfiniteIDError
+from ..omni_encoder import mixing
+from . import ip_adapter
+from .patching import (CallContext, Injector, WrappersMP, apply_injector, call_transformer_options,
+                       chain_attention_override, current_layer, model_family, options_transformer_options,
+                       unet_block_keys)
+from .rows import row_mask, stream_layout, stream_pairs, stream_rows, with_layout
+from .run_state import RUN_KEY, record, tracing
 
 log = logging.getLogger(__name__)
 
 TEXT, IDENT = "text", "identity"
-RUN_KEY = "idportrait_infinite_id_rows"   # transformer_options (per sampling run): N text rows
-WRAPPER_KEY = "idportrait_infinite_id"
 ADAIN_MODES = ("off", "mixed attention", "mixed attention + merge")
 OUTPUTS = ("text stream", "text + identity streams")
 SDXL_ADM_EXTRA = 6 * 256   # SDXL's y = [pooled text, 6 size/crop embeddings of 256]
@@ -192,9 +193,9 @@ class InfiniteIDInjector(Injector):
     def __init__(self, adapter, tokens: torch.Tensor, family: str, identity_weight: float = 1.0,
                  mix_weight: float = 1.0, merge_weight: float = 1.0, adain: str = "off",
                  mix_blocks: Optional[Iterable] = None, start_percent: float = 0.0, end_percent: float = 1.0,
-                 apply_to: str = "cond", identity_stream_cfg: bool = True, keep_identity_stream: bool = False):
+                 apply_to: str = "cond", identity_stream_cfg: bool = True, keep_identity_stream: bool = False,
+                 zero_pooled_text: bool = False):
         super().__init__()   # hooks run at every step on every row; the window below is for the coupling
-        ipa.check_tokens_fit(adapter, tokens)
         if tokens.ndim == 3 and tokens.shape[0] > 1:
             raise InfiniteIDError(f"this identity holds {tokens.shape[0]} identities; Infinite-ID takes one: mix two with "
                              "identity_2 (interpolate or stack) or 'Mix Identities (IDP)'")
@@ -207,7 +208,7 @@ class InfiniteIDInjector(Injector):
         if mix_weight < 0:
             raise InfiniteIDError(f"the mixed-attention weight must be >= 0 (0 = off), got {mix_weight}")
         # the identity adapter: its keys/values of the identity tokens, cached once per site/device/dtype
-        self.identity = ipa.IdentityInjector(adapter, tokens, family, weight=1.0)
+        self.identity = ip_adapter.IdentityInjector(adapter, tokens, family, weight=1.0)
         self.family = family
         self.identity_weight, self.mix_weight, self.merge_weight = float(identity_weight), float(mix_weight), \
             float(merge_weight)
@@ -218,11 +219,25 @@ class InfiniteIDInjector(Injector):
         self.mix_apply_to = apply_to
         self.identity_stream_cfg = bool(identity_stream_cfg)
         self.keep_identity_stream = bool(keep_identity_stream)
+        self.zero_pooled_text = bool(zero_pooled_text)   # SDXL/FLUX: identity rows get no pooled text
         self.mix_sigma_start, self.mix_sigma_end = math.inf, 0.0
-        self.probe: Optional[Callable] = None   # probe(kind, key, info): instrumentation for tests/benchmarks
 
-    def __deepcopy__(self, memo):
+    # the identity adapter is a model ComfyUI loads with the patched model
+    def models(self) -> list:
+        return self.identity.models()
+
+    def to(self, device_or_dtype):
+        self.identity.to(device_or_dtype)
         return self
+
+    def new_run_state(self):
+        return types.SimpleNamespace(text_rows=None)   # N, set when this run samples the two streams
+
+    def sampler_wrappers(self) -> list:
+        out = [(WrappersMP.SAMPLER_SAMPLE, _TwoStreamSampler(self)), (WrappersMP.CALC_COND_BATCH, _StreamCalls(self))]
+        if self.zero_pooled_text:
+            out.append((WrappersMP.DIFFUSION_MODEL, _TextFreeIdentityInputs(self.family)))
+        return out
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -266,7 +281,7 @@ class InfiniteIDInjector(Injector):
         if stream_layout(to) is None:   # no identity stream in this call: every row is a text row
             if not coupled or self.merge_weight == 0.0:
                 return empty, empty, empty, None
-            rm = row_mask(to.get("cond_or_uncond") or [], batch, self.mix_apply_to, device)
+            rm = row_mask(to, batch, self.mix_apply_to, device)
             merge = torch.arange(batch, device=device) if rm is None else rm.nonzero().flatten()
             return empty, empty, merge, None
         ident = stream_rows(to, batch, IDENT, "both", device)
@@ -293,10 +308,9 @@ class InfiniteIDInjector(Injector):
         n_id = ctx.k.shape[1]
         mixed = attend_sd(ctx.q[t], k, v, ctx.n_heads, ctx.transformer_options,
                           identity_bias(n_id, k.shape[1], self.mix_weight, k))
-        if self.probe is not None:
-            self.probe("attn1", ctx.key, {"k": k, "v": v, "n_id": n_id, "k_t": ctx.k[t], "v_t": ctx.v[t],
-                                          "k_id": ctx.k[i], "v_id": ctx.v[i], "text_rows": t, "identity_rows": i,
-                                          "q_t": ctx.q[t], "heads": ctx.n_heads, "mixed": mixed})
+        if tracing():
+            record("infinite_id.attn1", key=ctx.key, k=k, v=v, n_id=n_id, k_t=ctx.k[t], v_t=ctx.v[t], k_id=ctx.k[i],
+                   v_id=ctx.v[i], text_rows=t, identity_rows=i, q_t=ctx.q[t], heads=ctx.n_heads, mixed=mixed)
         new = out.clone()
         new[t] = mixed if out is ctx.base else out[t] - ctx.base[t] + mixed
         return new
@@ -307,7 +321,7 @@ class InfiniteIDInjector(Injector):
         if ident.numel() == 0 and merge.numel() == 0:
             return out
         new = out.clone()
-        k_ip, v_ip = self.identity.sd_kv(ctx.key, ctx.q)   # (1, T, inner)
+        k_ip, v_ip = self.identity.sd_kv(ctx.key, ctx.q, ctx.run)   # (1, T, inner)
         if ident.numel():
             # the text term is removed, not scaled: exact zeros (plus what stacked patches added)
             new[ident] = 0.0 if out is ctx.base else out[ident] - ctx.base[ident]
@@ -321,8 +335,8 @@ class InfiniteIDInjector(Injector):
             km, vm = k_ip.expand(n, -1, -1), v_ip.expand(n, -1, -1)
             if self.adain_merge:
                 km, vm = adain_mean(km, ctx.k[merge]), adain_mean(vm, ctx.v[merge])
-            if self.probe is not None:
-                self.probe("attn2", ctx.key, {"k": km, "v": vm, "merge_rows": merge, "identity_rows": ident})
+            if tracing():
+                record("infinite_id.attn2", key=ctx.key, k=km, v=vm, merge_rows=merge, identity_rows=ident)
             ip = attend_sd(ctx.q[merge], km, vm, ctx.n_heads, ctx.transformer_options)
             new[merge] = out[merge] + self.merge_weight * ip
         return new
@@ -355,9 +369,9 @@ class InfiniteIDInjector(Injector):
         if add_rows:
             rows, w = torch.cat(add_rows), torch.cat(add_w)
             vec = args["vec"][rows] if torch.is_tensor(args["vec"]) else args["vec"]
-            q = (ipa.flux_double_query(block, img_tokens[rows], vec) if ctx.kind == "double"
-                 else ipa.flux_single_query(block, img_tokens[rows], vec))
-            k_ip, v_ip = self.identity.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+            q = (ip_adapter.flux_double_query(block, img_tokens[rows], vec) if ctx.kind == "double"
+                 else ip_adapter.flux_single_query(block, img_tokens[rows], vec))
+            k_ip, v_ip = self.identity.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q, ctx.run)
             n, H, L, D = q.shape
             k = k_ip.view(1, -1, H, D).transpose(1, 2).expand(n, -1, -1, -1)
             v = v_ip.view(1, -1, H, D).transpose(1, 2).expand(n, -1, -1, -1)
@@ -425,9 +439,9 @@ class _FluxJointAttention:
                 k_id, v_id = adain_mean(k_id, k_t[:, :, img]), adain_mean(v_id, v_t[:, :, img])
             kk, vv = torch.cat([k_id, k_t], dim=2), torch.cat([v_id, v_t], dim=2)
             n_id = k_id.shape[2]
-            if inj.probe is not None:
-                inj.probe("flux", self.key, {"k": kk, "v": vv, "n_id": n_id, "k_t_img": k_t[:, :, img],
-                                             "text_rows": t, "identity_rows": i})
+            if tracing():
+                record("infinite_id.flux", key=self.key, k=kk, v=vv, n_id=n_id, k_t_img=k_t[:, :, img], text_rows=t,
+                       identity_rows=i)
             bias = identity_bias(n_id, kk.shape[2], inj.mix_weight, q)
             if mask is not None:
                 m = _mask4(mask, t, img, slice(None)).to(q.dtype)
@@ -440,11 +454,6 @@ class _FluxJointAttention:
 
 # ---------------------------------------------------------------------------------------------------
 # The two streams in the batch (wrappers)
-
-
-def _with_layout(model_options: dict, layout: tuple) -> dict:
-    to = model_options.get("transformer_options", {})
-    return {**model_options, "transformer_options": {**to, STREAMS_KEY: layout}}
 
 
 class _TwoStreamSampler:
@@ -462,14 +471,14 @@ class _TwoStreamSampler:
                         len(args))
             return executor(*args, **kwargs)
         guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask = args[:7]
-        if not self.inj.stream_needed(sigmas):
+        run = options_transformer_options(extra_args.get("model_options")).get(RUN_KEY)
+        if run is None or not self.inj.stream_needed(sigmas):
             return executor(*args, **kwargs)
         n = noise.shape[0]
+        run.of(self.inj).text_rows = n
         keep = 2 * n if self.inj.keep_identity_stream else n
         two = lambda t: t if t is None or t.shape[0] != n else torch.cat([t, t])   # noqa: E731
-        mo = extra_args.get("model_options", {})
-        to = mo.get("transformer_options", {})
-        extra_args = {**extra_args, "model_options": {**mo, "transformer_options": {**to, RUN_KEY: n}}}
+
         def cut(t):
             return t[:keep] if torch.is_tensor(t) and t.shape[0] == 2 * n else t
 
@@ -486,31 +495,31 @@ class _StreamCalls:
 
     def __init__(self, inj: InfiniteIDInjector):
         self.inj = inj
-        self.calls = {"coupled": 0, "text": 0, "identity": 0, "identity_skipped": 0}   # instrumentation
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
-        n = model_options.get("transformer_options", {}).get(RUN_KEY)
+        run = options_transformer_options(model_options).get(RUN_KEY)
+        n = run.of(self.inj).text_rows if run is not None else None
         if n is None or x_in.shape[0] != 2 * n:
             return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
         ts = timestep if torch.is_tensor(timestep) and timestep.ndim and timestep.shape[0] == 2 * n else None
         phase = self.inj.phase(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep))
         if phase == "in" and self.inj.mixing_on:
-            self.calls["coupled"] += 1
-            return executor(model, conds, x_in, timestep, _with_layout(model_options, ((TEXT, n), (IDENT, n))),
+            record("infinite_id.call", kind="coupled")
+            return executor(model, conds, x_in, timestep, with_layout(model_options, streams=((TEXT, n), (IDENT, n))),
                             *args, **kwargs)
-        self.calls["text"] += 1
+        record("infinite_id.call", kind="text")
         out_t = executor(model, conds, x_in[:n], timestep if ts is None else ts[:n],
-                         _with_layout(model_options, ((TEXT, n),)), *args, **kwargs)
+                         with_layout(model_options, streams=((TEXT, n),)), *args, **kwargs)
         if phase == "after" and not self.inj.keep_identity_stream:
-            self.calls["identity_skipped"] += 1
+            record("infinite_id.call", kind="identity_skipped")
             out_i = [x_in[n:]] * len(out_t)   # denoised = input: the unused stream is held still
         else:
-            self.calls["identity"] += 1
+            record("infinite_id.call", kind="identity")
             out_i = executor(model, conds, x_in[n:], timestep if ts is None else ts[n:],
-                             _with_layout(model_options, ((IDENT, n),)), *args, **kwargs)
+                             with_layout(model_options, streams=((IDENT, n),)), *args, **kwargs)
         return [torch.cat([a, b.to(a.dtype)]) for a, b in zip(out_t, out_i)]
 
 
@@ -525,9 +534,7 @@ class _TextFreeIdentityInputs:
 
     def __call__(self, executor, *args, **kwargs):
         args = list(args)
-        to = kwargs.get("transformer_options")
-        if to is None:
-            to = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), {})
+        to = call_transformer_options(args, kwargs)
         in_kw = "y" in kwargs
         y = kwargs.get("y") if in_kw else (args[3] if len(args) > 3 else None)
         if torch.is_tensor(y) and stream_layout(to) is not None:
@@ -560,22 +567,12 @@ def apply_infinite_id(model, adapter, tokens: torch.Tensor, identity_weight: flo
                              identity_weight=identity_weight, mix_weight=mix_weight, merge_weight=merge_weight,
                              adain=adain, mix_blocks=parse_blocks(blocks, all_block_keys(model)),
                              start_percent=start_percent, end_percent=end_percent, apply_to=apply_to,
-                             identity_stream_cfg=identity_stream_cfg, keep_identity_stream=output == OUTPUTS[1])
-    m = apply_injector(model, inj)
-    W = comfy.patcher_extension.WrappersMP
-    m.add_wrapper_with_key(W.SAMPLER_SAMPLE, WRAPPER_KEY, _TwoStreamSampler(inj))
-    m.add_wrapper_with_key(W.CALC_COND_BATCH, WRAPPER_KEY, _StreamCalls(inj))
-    if family in ("sdxl", "flux"):
-        m.add_wrapper_with_key(W.DIFFUSION_MODEL, WRAPPER_KEY, _TextFreeIdentityInputs(family))
-    return m
+                             identity_stream_cfg=identity_stream_cfg, keep_identity_stream=output == OUTPUTS[1],
+                             zero_pooled_text=family in ("sdxl", "flux"))
+    return apply_injector(model, inj)
 
 
 def injector_of(model) -> Optional[InfiniteIDInjector]:
     """The Infinite-ID injector on a patched model (None if there is none)."""
     return next((i for i in current_layer(model).injectors if isinstance(i, InfiniteIDInjector)), None)
 
-
-def stream_calls_of(model) -> Optional[_StreamCalls]:
-    """The CALC_COND_BATCH wrapper of a patched model, whose ``calls`` count the model calls by kind."""
-    ws = model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
-    return ws[0] if ws else None

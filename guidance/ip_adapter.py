@@ -14,7 +14,11 @@ Key layout of the injection weights (prefix ``proj.`` inside an Omni-ID weight f
   SD:    image_proj.{0,2}.{weight,bias}, image_proj.3.{weight,bias} (LayerNorm),
          attn2.{input|middle|output}_{block_id}_{transformer_index}.to_{k,v}_ip.weight
   FLUX:  double_{i}.to_{k,v}_ip.{weight,bias}, single_{i}.to_{k,v}_ip.{weight,bias}
-Keys and values of ℓ are computed once per injector (so once per sampling run), per device and dtype.
+Weights: loaded adapters are built from ComfyUI's ``manual_cast`` layers and handed to the injector wrapped in a
+``ModelPatcher`` (``adapter_patcher``), which the injector reports in ``models()``: ComfyUI loads the adapter
+with the patched model and offloads it under memory pressure; each layer casts its weights to the compute
+device and dtype when it runs, so the adapter is never copied or cast in place. Keys and values of ℓ are
+computed once per sampling run (per site, device and dtype) and dropped when the run ends (RunState).
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.ops
 from comfy.ldm.modules.attention import optimized_attention
 
-from .patching import CallContext, Injector, unet_block_keys
 from ..errors import OmniIDError
+from .patching import CallContext, Injector, unet_attention_module, unet_block_keys
+from .run_state import RunState, record
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +54,45 @@ def ip_adapter_order(block_keys) -> list:
 
 
 def _on(module: torch.nn.Module, like: torch.Tensor) -> torch.nn.Module:
-    """``module`` itself if it already lives on ``like``'s device and dtype, else a moved copy."""
+    """``module`` itself when it can run on ``like`` as it is: ComfyUI cast layers cast per call; a plain
+    torch module (the trainer's) already on ``like``'s device and dtype. Else a temporary moved copy."""
     p = next(module.parameters(), None)
-    if p is None or (p.device == like.device and p.dtype == like.dtype):
+    casting = all(getattr(m, "comfy_cast_weights", False) for m in module.modules() if isinstance(m, (nn.Linear, nn.LayerNorm)))
+    if p is None or casting or (p.device == like.device and p.dtype == like.dtype):
         return module
     return copy.deepcopy(module).to(device=like.device, dtype=like.dtype)
 
 
 class SDIdentityAdapter(nn.Module):
-    """image_proj + per-cross-attention to_k_ip/to_v_ip for one UNet architecture."""
+    """image_proj + per-cross-attention to_k_ip/to_v_ip for one UNet architecture.
 
-    def __init__(self, token_dim: int, context_dim: int, inner_dims: dict):
+    ``operations``: ``torch.nn`` (trainable, initialised) or ``comfy.ops.manual_cast`` (loaded weights, cast per call).
+    """
+
+    def __init__(self, token_dim: int, context_dim: int, inner_dims: dict, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.image_proj = nn.Sequential(nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, context_dim),
-                                        nn.LayerNorm(context_dim))
+        ops, kw = operations, {"dtype": dtype, "device": device}
+        self.image_proj = nn.Sequential(ops.Linear(token_dim, token_dim, **kw), nn.GELU(),
+                                        ops.Linear(token_dim, context_dim, **kw), ops.LayerNorm(context_dim, **kw))
         self.attn2 = nn.ModuleDict({
-            sd_key_name(k): nn.ModuleDict({"to_k_ip": nn.Linear(context_dim, d, bias=False),
-                                           "to_v_ip": nn.Linear(context_dim, d, bias=False)})
+            sd_key_name(k): nn.ModuleDict({"to_k_ip": ops.Linear(context_dim, d, bias=False, **kw),
+                                           "to_v_ip": ops.Linear(context_dim, d, bias=False, **kw)})
             for k, d in inner_dims.items()})
 
     @staticmethod
     def inner_dims_of(diffusion_model) -> dict:
         """{block key: attn2 inner width} read off a ComfyUI UNet."""
-        from .patching import unet_attention_module
         return {k: unet_attention_module(diffusion_model, k, "attn2").to_k.weight.shape[0]
                 for k in unet_block_keys(diffusion_model)}
 
 
 class FluxIdentityAdapter(nn.Module):
-    def __init__(self, token_dim: int, hidden: int, n_double: int, n_single: int):
+    def __init__(self, token_dim: int, hidden: int, n_double: int, n_single: int, operations=nn, dtype=None,
+                 device=None):
         super().__init__()
-        mk = lambda: nn.ModuleDict({"to_k_ip": nn.Linear(token_dim, hidden), "to_v_ip": nn.Linear(token_dim, hidden)})  # noqa: E731
+        kw = {"dtype": dtype, "device": device}
+        mk = lambda: nn.ModuleDict({"to_k_ip": operations.Linear(token_dim, hidden, **kw),  # noqa: E731
+                                    "to_v_ip": operations.Linear(token_dim, hidden, **kw)})
         self.blocks = nn.ModuleDict({**{f"double_{i}": mk() for i in range(n_double)},
                                      **{f"single_{i}": mk() for i in range(n_single)}})
 
@@ -126,42 +141,59 @@ class IdentityInjector(Injector):
     """Adds w · Attn(Q, K_ip, V_ip) of an identity's tokens to a model's attention (see module doc)."""
     name = "identity"
 
-    def __init__(self, adapter: nn.Module, tokens: torch.Tensor, family: str, weight: float = 1.0,
+    def __init__(self, adapter, tokens: torch.Tensor, family: str, weight: float = 1.0,
                  mask: Optional[torch.Tensor] = None, **kw):
+        """``adapter``: a ModelPatcher around the adapter module (loaded weights, see ``adapter_patcher``) or
+        the module itself (the trainer's, or a test's)."""
         super().__init__(**kw)
         if tokens.ndim == 2:
             tokens = tokens[None]
-        check_tokens_fit(adapter, tokens)
-        self.adapter, self.tokens, self.family, self.weight, self.mask = adapter, tokens, family, float(weight), mask
+        self.patcher = adapter if isinstance(adapter, comfy.model_patcher.ModelPatcher) else None
+        self.adapter = adapter.model if self.patcher is not None else adapter
+        check_tokens_fit(self.adapter, tokens)
+        self.tokens, self.family, self.weight, self.mask = tokens, family, float(weight), mask
         self.kinds = ("double", "single") if family == "flux" else ("attn2",)
-        self._kv: dict = {}
 
-    def __deepcopy__(self, memo):
+    def models(self) -> list:
+        return [self.patcher] if self.patcher is not None else []
+
+    def to(self, device_or_dtype):
+        # ComfyUI moves the patched model's patches with it; the adapter itself is moved by its own ModelPatcher
+        if isinstance(device_or_dtype, torch.device):
+            self.tokens = self.tokens.to(device_or_dtype)
+            if self.mask is not None:
+                self.mask = self.mask.to(device_or_dtype)
         return self
 
-    # -- keys/values of ℓ, once per (site, device, dtype); public: Infinite-ID and RB-Guidance reuse them
-    # The adapter is shared (the loader caches it) and owned by no ModelPatcher: it is never moved or cast in
-    # place; each layer runs from a temporary copy on the compute device, in the model's dtype.
-    def sd_kv(self, key, like: torch.Tensor):
+    def new_run_state(self):
+        return {}   # keys/values of the identity: (site, device, dtype) -> (k, v)
+
+    # -- keys/values of ℓ, once per run and (site, device, dtype); public: Infinite-ID and RB-Guidance reuse them.
+    # ``run``: the RunState to cache them in (None: computed and not kept, e.g. outside a model call).
+    def sd_kv(self, key, like: torch.Tensor, run: Optional[RunState] = None):
+        kv = run.of(self) if run is not None else {}
         ck = (key, like.device, like.dtype)
-        if ck not in self._kv:
+        if ck not in kv:
             with torch.no_grad():
                 pk = ("image_proj", like.device, like.dtype)
-                if pk not in self._kv:
-                    self._kv[pk] = _on(self.adapter.image_proj, like)(self.tokens.to(like.device, like.dtype))
-                c_ip = self._kv[pk]
+                if pk not in kv:
+                    kv[pk] = _on(self.adapter.image_proj, like)(self.tokens.to(like.device, like.dtype))
+                c_ip = kv[pk]
                 layer = _on(self.adapter.attn2[sd_key_name(key)], like)
-                self._kv[ck] = (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip))
-        return self._kv[ck]
+                kv[ck] = (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip))
+            record("identity.kv", injector=self, site=key, dtype=like.dtype)
+        return kv[ck]
 
-    def flux_kv(self, name, like: torch.Tensor):
+    def flux_kv(self, name, like: torch.Tensor, run: Optional[RunState] = None):
+        kv = run.of(self) if run is not None else {}
         ck = (name, like.device, like.dtype)
-        if ck not in self._kv:
+        if ck not in kv:
             with torch.no_grad():
                 blk = _on(self.adapter.blocks[name], like)
                 tok = self.tokens.to(like.device, like.dtype)
-                self._kv[ck] = (blk.to_k_ip(tok), blk.to_v_ip(tok))
-        return self._kv[ck]
+                kv[ck] = (blk.to_k_ip(tok), blk.to_v_ip(tok))
+            record("identity.kv", injector=self, site=name, dtype=like.dtype)
+        return kv[ck]
 
     def _masked(self, ctx: CallContext, ip: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
@@ -172,7 +204,7 @@ class IdentityInjector(Injector):
     def attn2(self, ctx: CallContext, out, **kwargs):
         if self.weight == 0.0:
             return out
-        k_ip, v_ip = self.sd_kv(ctx.key, ctx.q)
+        k_ip, v_ip = self.sd_kv(ctx.key, ctx.q, ctx.run)
         B = ctx.q.shape[0]
         ip = optimized_attention(ctx.q, _rows_batch(k_ip, B), _rows_batch(v_ip, B), ctx.n_heads,
                                  attn_precision=ctx.transformer_options.get("attn_precision"),
@@ -199,7 +231,7 @@ class IdentityInjector(Injector):
 
     def _flux_ip(self, ctx: CallContext, q: torch.Tensor, heads: int) -> torch.Tensor:
         """q: (B, H, L, D) pre-RoPE query of the image tokens → (B, L, H*D) weighted, masked IP output."""
-        k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
+        k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q, ctx.run)
         B, H, L, D = q.shape
         k = _rows_batch(k_ip, B).view(B, -1, H, D).transpose(1, 2)
         v = _rows_batch(v_ip, B).view(B, -1, H, D).transpose(1, 2)
@@ -255,15 +287,18 @@ def flux_single_query(block, img_tokens: torch.Tensor, vec) -> torch.Tensor:
 # Building an adapter from stored weights, and checking it against the model it is applied to
 
 
-def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
-    """Rebuild the adapter module from its ``proj.*`` weights (prefix already removed)."""
+def adapter_from_state_dict(family: str, sd: dict, operations=comfy.ops.manual_cast) -> nn.Module:
+    """Rebuild the adapter module from its ``proj.*`` weights (prefix already removed), in the file's dtype on
+    ComfyUI's offload device, from ``operations`` (ComfyUI's cast layers by default; ``torch.nn`` to train)."""
+    kw = {"operations": operations, "dtype": next(iter(sd.values())).dtype if sd else None,
+          "device": mm.unet_offload_device()}
     try:
         if family == "flux":
             names = {k.split(".")[0] for k in sd}
             n_double = len({n for n in names if n.startswith("double_")})
             n_single = len({n for n in names if n.startswith("single_")})
             w = sd["double_0.to_k_ip.weight"] if n_double else sd["single_0.to_k_ip.weight"]
-            a = FluxIdentityAdapter(w.shape[1], w.shape[0], n_double, n_single)
+            a = FluxIdentityAdapter(w.shape[1], w.shape[0], n_double, n_single, **kw)
             a.load_flat(sd, strict=True)
         else:
             token_dim, context_dim = sd["image_proj.0.weight"].shape[1], sd["image_proj.2.weight"].shape[0]
@@ -272,7 +307,7 @@ def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
                 m = re.fullmatch(r"attn2\.(input|middle|output)_(\d+)_(\d+)\.to_k_ip\.weight", k)
                 if m:
                     inner[(m.group(1), int(m.group(2)), int(m.group(3)))] = t.shape[0]
-            a = SDIdentityAdapter(token_dim, context_dim, inner)
+            a = SDIdentityAdapter(token_dim, context_dim, inner, **kw)
             a.load_state_dict(sd, strict=True)
     except KeyError as e:
         raise OmniIDError(f"the identity weights are incomplete: missing {e}; the file is damaged or not an "
@@ -280,6 +315,13 @@ def adapter_from_state_dict(family: str, sd: dict) -> nn.Module:
     except RuntimeError as e:   # load_state_dict's own report of missing/unexpected keys and shapes
         raise OmniIDError(f"the identity weights do not form a {family} adapter: {str(e)[:400]}") from None
     return a.eval()
+
+
+def adapter_patcher(adapter: nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """The adapter as a model ComfyUI manages (loaded with the patched model, offloaded when memory is needed),
+    as core's model-patch loader wraps its patch modules."""
+    make = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return make(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def adapter_token_width(adapter: nn.Module) -> Optional[int]:
@@ -318,7 +360,6 @@ def check_adapter_fits(adapter: nn.Module, family: str, diffusion_model) -> None
     if have != dims or len(adapter.attn2) != len(dims):
         raise OmniIDError(f"identity weights made for a UNet with {len(adapter.attn2)} cross-attention layers do not match "
                          f"this model ({len(dims)} layers): they are for another architecture (SD1.5 vs SDXL)")
-    from .patching import unet_attention_module
     ctx_dim = unet_attention_module(diffusion_model, next(iter(dims)), "attn2").to_k.weight.shape[1]
     if adapter.image_proj[2].weight.shape[0] != ctx_dim:
         raise OmniIDError(f"identity weights project to a text context of width {adapter.image_proj[2].weight.shape[0]}, "

@@ -1,20 +1,28 @@
-"""One attention-patching layer for every injector of this pack (SD1.5/SDXL UNets and FLUX DiT).
+"""One attention-patching layer and one sampler-side protocol for every technique of this pack.
 
-How it hooks into ComfyUI (public patch points only; no private forward is copied or overridden):
+Attention sites (public patch points only; no private forward is copied or overridden):
 
 * UNet: ``patches_replace["attn1"|"attn2"][(block, id, transformer_index)]`` for every transformer
   block of the model. The hook computes the stock attention with ComfyUI's own ``optimized_attention``
   (or calls a replace that another pack installed there first), then lets each injector transform it.
 * FLUX: ``patches_replace["dit"][("double_block"|"single_block", i)]``. Each injector wraps the call
   of the original block (``extra["original_block"]``), so it can change the inputs, the attention (via
-  ``optimized_attention_override`` for the duration of the block) or the outputs.
+  ``chain_attention_override``, for the duration of the block) or the outputs.
 * UNet, only for injectors that ask for it: ``patches["attn1_patch"|"attn2_patch"]`` records the
   attention input (the normed hidden states, ``CallContext.x``) and ``patches["attn1_output_patch"|
   "attn2_output_patch"]`` runs the ``attn1_output``/``attn2_output`` hooks on the attention output
   after ``to_out``, before the residual (for modules with their own output projection).
-* One ``DIFFUSION_MODEL`` wrapper per patched model records the latent shape and the diffusion model
-  in the transformer options of that call (for token grids and block access) and gives every injector
-  a once-per-model-call hook (``on_model_call``), e.g. for a reference pass.
+
+Sampler side (all under one wrapper key, ``WRAPPER_KEY``, installed and replaced together):
+
+* a ``SAMPLER_SAMPLE`` wrapper makes the run's ``RunState`` (guidance/run_state.py) when sampling starts,
+  puts it in the run's transformer options, calls each injector's ``begin_run(state, guider)``, and
+  clears it in ``finally``;
+* a ``DIFFUSION_MODEL`` wrapper records the latent shape, the diffusion model and the sigma of each model
+  call and gives every injector a once-per-call hook (``on_model_call``), e.g. for a reference pass;
+* an injector declares the other wrappers it needs in ``sampler_wrappers()`` ((WrappersMP type, wrapper)
+  pairs) and a pre-CFG step in ``pre_cfg(args)``; ``apply_injector`` installs them, in application order;
+* the rows a technique adds to a model call are described with ``rows.with_layout`` (guidance/rows.py).
 
 Stacking order (documented contract): injectors run in the order they were applied to the model.
 For UNet attention, ``out = inj_n(... inj_2(inj_1(base)))``; for FLUX blocks, the first applied wraps
@@ -23,39 +31,37 @@ ModelPatcher and replaces the layer object on the clone by a new one; layers are
 the input model (and every earlier clone) keeps its options.
 
 Each injector is active only between its start and end percent, converted to sigmas with the model's
-own ``model_sampling``, and only on the rows it asks for (cond, uncond or both), read from
-``cond_or_uncond`` (ComfyUI: 0 = cond, 1 = uncond). A caller that batches extra condition chunks
-(labels 2, 3, ...) names their role in ``transformer_options[ROLES_KEY]`` ({label: COND|UNCOND}).
+own ``model_sampling``, and only on the rows it asks for (cond, uncond or both; guidance/rows.py).
 """
 from __future__ import annotations
 
 import logging
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
+
 from ..errors import PatchingError
+from .rows import APPLY_TO, COND, UNCOND, row_mask, stream_rows, token_mask  # noqa: F401  (COND/UNCOND: API)
+from .run_state import RUN_KEY, RunState, run_state_of
 
 log = logging.getLogger(__name__)
 
 LAYER_KEY = "idportrait_layer"          # transformer_options key holding the current layer
-WRAPPER_KEY = "idportrait"              # wrapper key on the ModelPatcher
-SHAPE_KEY = "idportrait_latent_shape"   # transformer_options key set for each model call
+WRAPPER_KEY = "idportrait"              # the key of every wrapper this pack installs on a ModelPatcher
+SHAPE_KEY = "idportrait_latent_shape"   # transformer_options: latent shape of this model call
 MODEL_KEY = "idportrait_diffusion_model"
 TXT_LEN_KEY = "idportrait_txt_len"      # transformer_options: FLUX text tokens of this call (set by double blocks)
 SIGMA_KEY = "idportrait_sigma"          # transformer_options: this call's sigma as a float (one device sync per call)
-STREAMS_KEY = "idportrait_streams"     # transformer_options key: per-chunk row layout of named streams
-ROLES_KEY = "idportrait_cond_roles"     # transformer_options: {chunk label: COND|UNCOND} for labels >= 2
 INPUT_KEY = "idportrait_{}_input"       # extra_options: the input of attn1/attn2 (after norm1/norm2)
-
-COND, UNCOND = 0, 1
-APPLY_TO = ("both", "cond", "uncond")
+OVERRIDE_KEY = "optimized_attention_override"
+WrappersMP = comfy.patcher_extension.WrappersMP
 
 SD_KINDS = ("attn1", "attn2")
 SD_OUTPUT_KINDS = ("attn1_output", "attn2_output")
@@ -89,101 +95,60 @@ def unet_block_keys(diffusion_model) -> list[tuple[str, int, int]]:
     return keys
 
 
-def unet_attention_module(diffusion_model, key, kind: str):
-    """The CrossAttention module (attn1/attn2) of a UNet block key, e.g. to project extra tokens."""
+def transformer_block(diffusion_model, key):
+    """The BasicTransformerBlock of a UNet attention key (name, id, index)."""
     name, block_id, index = key
     block = diffusion_model.middle_block if name == "middle" else getattr(diffusion_model, f"{name}_blocks")[block_id]
     for layer in block:
         if getattr(layer, "transformer_blocks", None) is not None:
-            return getattr(layer.transformer_blocks[index], kind)
+            return layer.transformer_blocks[index]
     raise KeyError(f"no transformer block at {key}")
 
 
-def row_mask(cond_or_uncond: Optional[list], batch: int, apply_to: str, device=None,
-             roles: Optional[dict] = None) -> Optional[torch.Tensor]:
-    """Bool (batch,) of the rows an injector acts on; None means every row.
+def unet_attention_module(diffusion_model, key, kind: str):
+    """The CrossAttention module (attn1/attn2) of a UNet block key, e.g. to project extra tokens."""
+    return getattr(transformer_block(diffusion_model, key), kind)
 
-    ``roles`` maps extra chunk labels (>= 2) to COND or UNCOND; unmapped labels match neither.
+
+def flux_token_grid(latent_shape) -> tuple[int, int]:
+    """FLUX image-token grid of a latent (h, w): it patchifies 2x2, padding to even."""
+    H, W = latent_shape[-2:]
+    return (math.ceil(H / 2), math.ceil(W / 2))
+
+
+def single_block_txt_len(transformer_options: dict, total: int) -> int:
+    """Text tokens at the front of a FLUX single block's ``cat(txt, img)``.
+
+    Current ComfyUI says it (``img_slice``); else the double blocks of this call recorded it; else (no double
+    block hooked) it is derived from the latent size, which counts Kontext reference tokens as text.
     """
-    if apply_to == "both" or not cond_or_uncond:
-        return None
-    want = COND if apply_to == "cond" else UNCOND
-    roles = roles or {}
-    chunk = batch // len(cond_or_uncond)
-    rows = torch.tensor([roles.get(c, c) == want for c in cond_or_uncond for _ in range(chunk)], device=device)
-    return rows
+    sl = transformer_options.get("img_slice")
+    if sl is not None:
+        return int(sl[0])
+    if transformer_options.get(TXT_LEN_KEY) is not None:
+        return int(transformer_options[TXT_LEN_KEY])
+    shape = transformer_options.get(SHAPE_KEY)
+    if shape is None:
+        return total
+    h, w = flux_token_grid(shape)
+    return total - h * w
 
 
-def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int, chunks: int = 1) -> torch.Tensor:
-    """Resize a region mask (M,H,W) or (H,W) to a token grid: (batch or 1, h*w, 1), values in [0,1].
+def call_transformer_options(args: tuple, kwargs: dict) -> dict:
+    """The transformer options of a diffusion-model call (a DIFFUSION_MODEL wrapper's arguments).
 
-    Area interpolation keeps the mass of soft masks. ``batch`` rows are ``chunks`` cond/uncond chunks of
-    the latent batch; M must be 1 or the latent batch (one mask per image, repeated over the chunks).
+    Passed by keyword by ComfyUI's model_base; positionally at a position that differs between UNet and FLUX
+    otherwise. A call without any gets an empty dict (nothing of ours is active there).
     """
-    if mask.ndim == 2:
-        mask = mask[None]
-    h, w = grid_hw
-    m = F.interpolate(mask[:, None].float(), size=(h, w), mode="area" if mask.shape[-1] >= w else "bilinear")
-    m = m.reshape(m.shape[0], h * w, 1).clamp(0, 1)
-    per = batch // chunks if chunks > 0 and batch % chunks == 0 else batch
-    if m.shape[0] != 1:
-        if m.shape[0] != per:
-            raise PatchingError(f"{m.shape[0]} masks for {per} latent image(s): connect one mask, or one per latent image")
-        m = m.repeat(batch // per, 1, 1)
-    return m
+    to = kwargs.get("transformer_options")
+    if to is None:
+        to = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), None)
+    return {} if to is None else to
 
 
-def stream_layout(transformer_options: dict) -> Optional[tuple]:
-    """The ``((name, rows), ...)`` layout every chunk of this call follows, or None."""
-    lay = (transformer_options or {}).get(STREAMS_KEY)
-    return tuple((str(n), int(r)) for n, r in lay) if lay else None
-
-
-def stream_rows(transformer_options: dict, batch: int, name: str, apply_to: str = "both",
-                device=None) -> Optional[torch.Tensor]:
-    """Row indices (long, chunk-major) of stream ``name`` in the chunks ``apply_to`` selects.
-
-    None when the call has no stream layout or the batch does not follow it (then nobody should
-    treat any row as belonging to a stream); an empty tensor when the stream has no rows here.
-    """
-    lay = stream_layout(transformer_options)
-    if lay is None:
-        return None
-    size = sum(r for _, r in lay)
-    if size <= 0 or batch % size:
-        return None
-    cou = (transformer_options or {}).get("cond_or_uncond") or []
-    chunks = batch // size
-    if cou and len(cou) != chunks:
-        return None
-    offset, count = 0, 0
-    for n, r in lay:
-        if n == name:
-            count = r
-            break
-        offset += r
-    want = None if apply_to == "both" else (COND if apply_to == "cond" else UNCOND)
-    roles = (transformer_options or {}).get("idportrait_cond_roles") or {}   # labels >= 2 (see ROLES_KEY)
-    rows = [c * size + offset + i for c in range(chunks) for i in range(count)
-            if want is None or not cou or roles.get(cou[c], cou[c]) == want]
-    return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def stream_pairs(transformer_options: dict, batch: int, a: str, b: str, apply_to: str = "both", device=None):
-    """(rows of stream a, the rows of stream b at the same position of the same chunk), or None.
-
-    Needs both streams present with the same number of rows per chunk.
-    """
-    lay = stream_layout(transformer_options)
-    ra = stream_rows(transformer_options, batch, a, apply_to, device)
-    if ra is None:
-        return None
-    counts = dict(lay)
-    if counts.get(a, 0) == 0 or counts.get(a) != counts.get(b):
-        return None
-    names = [n for n, _ in lay]
-    off = lambda n: sum(r for m, r in lay[:names.index(n)])   # noqa: E731
-    return ra, ra + (off(b) - off(a))
+def options_transformer_options(model_options: Optional[dict]) -> dict:
+    """``model_options["transformer_options"]`` or an empty dict (CALC_COND_BATCH / pre-CFG arguments)."""
+    return (model_options or {}).get("transformer_options") or {}
 
 
 def chain_attention_override(transformer_options: dict, fn: Callable) -> dict:
@@ -194,7 +159,7 @@ def chain_attention_override(transformer_options: dict, fn: Callable) -> dict:
     plus the arguments of ``optimized_attention`` (q, k, v, heads, mask=..., skip_reshape=..., ...).
     ``fn`` must accept and forward unknown keyword arguments.
     """
-    prev = transformer_options.get("optimized_attention_override")
+    prev = transformer_options.get(OVERRIDE_KEY)
 
     def override(func, *args, **kwargs):
         if prev is None:
@@ -204,13 +169,13 @@ def chain_attention_override(transformer_options: dict, fn: Callable) -> dict:
                 return prev(func, *a, **kw)
         return fn(attend, *args, **kwargs)
 
-    return {**transformer_options, "optimized_attention_override": override}
+    return {**transformer_options, OVERRIDE_KEY: override}
 
 
 @dataclass
 class CallContext:
     """What an injector sees at one hook call."""
-    kind: str                        # attn1 | attn2 | double | single
+    kind: str                        # attn1 | attn2 | attn1_output | attn2_output | double | single
     key: tuple                       # UNet (name, id, index) or FLUX (kind, index)
     sigma: float
     cond_or_uncond: list
@@ -233,6 +198,11 @@ class CallContext:
     def diffusion_model(self):
         return self.transformer_options.get(MODEL_KEY)
 
+    @property
+    def run(self) -> RunState:
+        """This sampling run's state (or this call's, outside a run)."""
+        return run_state_of(self.transformer_options)
+
     def grid(self) -> tuple[int, int]:
         """Token grid (h, w) of this block."""
         if self.kind in SD_KINDS + SD_OUTPUT_KINDS:
@@ -250,7 +220,7 @@ class CallContext:
         return (dm.double_blocks if self.kind == "double" else dm.single_blocks)[self.key[1]]
 
     def stream_rows(self, name: str, apply_to: str = "both") -> Optional[torch.Tensor]:
-        """Row indices of stream ``name`` in this call (see ``stream_rows``); None without a layout."""
+        """Row indices of stream ``name`` in this call (see ``rows.stream_rows``); None without a layout."""
         batch = self.batch
         if not batch:
             shape = self.q.shape if self.q is not None else self.transformer_options.get(SHAPE_KEY, (0,))
@@ -268,7 +238,7 @@ class CallContext:
 class Injector:
     """Base class of everything this pack injects. Override only the hooks you need.
 
-    Hooks (all must accept and ignore unknown keyword arguments):
+    Attention hooks (all must accept and ignore unknown keyword arguments):
       attn1(ctx, out, **kw) / attn2(ctx, out, **kw) -> out     UNet self-/cross-attention output (B, L, inner)
       attn1_output(ctx, out, **kw) / attn2_output(...) -> out  UNet attention output after to_out (B, L, C);
                                                                ctx.x is the attention's input
@@ -276,6 +246,10 @@ class Injector:
       on_model_call(transformer_options, x, timestep, **kw)    once per diffusion-model call; kw has
                                                                call_args/call_kwargs: the diffusion
                                                                model's own arguments (x, t, context, ...)
+    Per-run state: ``new_run_state()`` makes it (once per run, on first use); ``self.state(ctx)`` or
+      ``run_state_of(transformer_options).of(self)`` reads it; ``begin_run(state, guider)`` sees the run start.
+    Sampler side: ``sampler_wrappers()`` -> [(WrappersMP type, wrapper)]; ``pre_cfg(args)`` -> conds_out or
+      None (ComfyUI's pre-CFG step, ``args`` as ComfyUI passes them).
     """
     name = "injector"
     kinds: tuple = ()   # which hook kinds this injector implements
@@ -291,6 +265,9 @@ class Injector:
         self.blocks = None if blocks is None else {tuple(b) for b in blocks}
         self.sigma_start, self.sigma_end = math.inf, 0.0
 
+    def __deepcopy__(self, memo):
+        return self   # configuration only (per-run state lives in the RunState): shared by every clone
+
     def bind(self, model_sampling) -> None:
         """Convert the percent window to sigmas with the model's own schedule."""
         self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
@@ -302,8 +279,24 @@ class Injector:
     def wants(self, kind: str, key: tuple) -> bool:
         return kind in self.kinds and (self.blocks is None or key in self.blocks)
 
-    # device/memory protocol ComfyUI calls on patch objects
-    def to(self, device):
+    # -- per run
+    def new_run_state(self):
+        return types.SimpleNamespace()
+
+    def state(self, ctx: CallContext):
+        return ctx.run.of(self)
+
+    def begin_run(self, state: RunState, guider) -> None:
+        pass
+
+    # -- sampler side
+    def sampler_wrappers(self) -> list:
+        return []
+
+    pre_cfg = None   # a method ``pre_cfg(self, args) -> conds_out | None`` where an injector needs one
+
+    # -- device/memory protocol ComfyUI calls on patch objects
+    def to(self, device_or_dtype):
         return self
 
     def models(self) -> list:
@@ -326,7 +319,6 @@ class PatchLayer:
 
     def __init__(self, injectors: tuple = ()):
         self.injectors = tuple(injectors)
-        self._device = None
 
     def __deepcopy__(self, memo):
         return self   # immutable; 0.3.75 deep-copies model_options on clone, current shares: same behaviour
@@ -334,20 +326,18 @@ class PatchLayer:
     def with_injector(self, injector: Injector) -> "PatchLayer":
         return PatchLayer(self.injectors + (injector,))
 
-    def to(self, device):
-        if device != self._device:
-            for inj in self.injectors:
-                inj.to(device)
-            self._device = device
+    def to(self, device_or_dtype):
+        for inj in self.injectors:
+            inj.to(device_or_dtype)
         return self
 
     def models(self) -> list:
         out = []
         for inj in self.injectors:
-            out.extend(inj.models())
+            out.extend(m for m in inj.models() if not any(m is o for o in out))
         return out
 
-    def active_for(self, kind, key, to) -> list:
+    def active_for(self, kind, key, to) -> tuple[list, float]:
         sigma = _sigma_of(to)
         return [inj for inj in self.injectors if inj.wants(kind, key) and inj.active(sigma)], sigma
 
@@ -361,14 +351,15 @@ class _Hook:
     def __deepcopy__(self, memo):
         return self
 
-    def to(self, device):
-        self.layer.to(device)
+    def to(self, device_or_dtype):
+        if self.primary:
+            self.layer.to(device_or_dtype)
         if self.prev is not None and hasattr(self.prev, "to"):
-            self.prev = self.prev.to(device)
+            self.prev = self.prev.to(device_or_dtype)
         return self
 
     def models(self) -> list:
-        # Exactly one hook reports the layer's models so ComfyUI loads each once.
+        # Exactly one hook reports the layer's models, so ComfyUI loads each once.
         out = self.layer.models() if self.primary else []
         if self.prev is not None and hasattr(self.prev, "models"):
             out += self.prev.models()
@@ -389,10 +380,10 @@ class _UnetAttnHook(_Hook):
         cou = extra_options.get("cond_or_uncond") or []
         x = extra_options.get(INPUT_KEY.format(self.kind))
         for inj in injectors:
-            rows = row_mask(cou, q.shape[0], inj.apply_to, q.device, extra_options.get(ROLES_KEY))
             ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou,
-                              transformer_options=extra_options, rows=rows, base=base, q=q, k=k, v=v,
-                              n_heads=extra_options["n_heads"], x=x)
+                              transformer_options=extra_options,
+                              rows=row_mask(extra_options, q.shape[0], inj.apply_to, q.device), base=base, q=q, k=k,
+                              v=v, n_heads=extra_options["n_heads"], x=x)
             new = getattr(inj, self.kind)(ctx, out)
             out = ctx.mix(new, out)
         return out
@@ -439,37 +430,13 @@ class _UnetOutputHook(_Hook):
         x = extra_options.get(INPUT_KEY.format(self.kind[:5]))
         base, out = n, n
         for inj in injectors:
-            rows = row_mask(cou, n.shape[0], inj.apply_to, n.device, extra_options.get(ROLES_KEY))
             ctx = CallContext(kind=self.kind, key=key, sigma=sigma, cond_or_uncond=cou,
-                              transformer_options=extra_options, rows=rows, base=base,
+                              transformer_options=extra_options,
+                              rows=row_mask(extra_options, n.shape[0], inj.apply_to, n.device), base=base,
                               n_heads=extra_options.get("n_heads", 0), x=x)
             new = getattr(inj, self.kind)(ctx, out)
             out = ctx.mix(new, out)
         return out
-
-
-def flux_token_grid(latent_shape) -> tuple[int, int]:
-    """FLUX image-token grid of a latent (h, w): it patchifies 2x2, padding to even."""
-    H, W = latent_shape[-2:]
-    return (math.ceil(H / 2), math.ceil(W / 2))
-
-
-def single_block_txt_len(to: dict, total: int) -> int:
-    """Text tokens at the front of a FLUX single block's ``cat(txt, img)``.
-
-    Current ComfyUI says it (``img_slice``); else the double blocks of this call recorded it; else (no double
-    block hooked) it is derived from the latent size, which counts Kontext reference tokens as text.
-    """
-    sl = to.get("img_slice")
-    if sl is not None:
-        return int(sl[0])
-    if to.get(TXT_LEN_KEY) is not None:
-        return int(to[TXT_LEN_KEY])
-    shape = to.get(SHAPE_KEY)
-    if shape is None:
-        return total
-    h, w = flux_token_grid(shape)
-    return total - h * w
 
 
 class _DitHook(_Hook):
@@ -492,8 +459,8 @@ class _DitHook(_Hook):
         call = inner
         for inj in injectors:
             ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou, transformer_options=to,
-                              rows=row_mask(cou, batch, inj.apply_to, args["img"].device, to.get(ROLES_KEY)),
-                              txt_len=txt_len)
+                              rows=row_mask(to, batch, inj.apply_to, args["img"].device), txt_len=txt_len,
+                              batch=batch)
             call = _bind_dit(inj, self.kind, ctx, call)
         return call(args)
 
@@ -504,7 +471,7 @@ def _bind_dit(inj, kind, ctx, call):
 
 
 class _ModelCallWrapper:
-    """DIFFUSION_MODEL wrapper: records shape/model for the hooks; once-per-call injector hook."""
+    """DIFFUSION_MODEL wrapper: records shape/model/sigma for the hooks; once-per-call injector hook."""
 
     def __init__(self, layer: PatchLayer):
         self.layer = layer
@@ -514,18 +481,62 @@ class _ModelCallWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         x, timestep = args[0], args[1]
-        to = kwargs.get("transformer_options")
-        if to is None:   # passed positionally, at a position that differs between UNet and FLUX
-            to = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), {})
+        to = call_transformer_options(args, kwargs)
         # calc_cond_batch builds a fresh transformer_options dict for every model call, so these
         # per-call entries cannot leak into the model's stored options.
         to[SHAPE_KEY] = tuple(x.shape)
         to[MODEL_KEY] = executor.class_obj
         to.pop(TXT_LEN_KEY, None)
         to[SIGMA_KEY] = (to.get("sigmas"), _sigma_of(to))   # every hook reads it: one GPU→CPU sync, not one per block
+        run_state_of(to)   # outside a sampler run, this call gets a state of its own
         for inj in self.layer.injectors:
             inj.on_model_call(to, x, timestep, call_args=args, call_kwargs=kwargs)
         return executor(*args, **kwargs)
+
+
+class _RunScope:
+    """SAMPLER_SAMPLE wrapper: the run's RunState, from the start of sampling to its end (cleared in finally)."""
+
+    def __init__(self, layer: PatchLayer):
+        self.layer = layer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        if len(args) < 3 or not isinstance(args[2], dict):
+            log.warning("identity-portrait: unexpected sampler call (%d arguments); per-call state only", len(args))
+            return executor(*args, **kwargs)
+        guider, sigmas, extra_args = args[:3]
+        state = RunState("run")
+        mo = extra_args.get("model_options") or {}
+        to = {**options_transformer_options(mo), RUN_KEY: state}
+        extra_args = {**extra_args, "model_options": {**mo, "transformer_options": to}}
+        try:
+            for inj in self.layer.injectors:
+                inj.begin_run(state, guider)
+            return executor(guider, sigmas, extra_args, *args[3:], **kwargs)
+        finally:
+            state.clear()
+
+
+class _PreCfgHook:
+    """The pre-CFG function of the layer: each injector's ``pre_cfg`` in application order."""
+
+    def __init__(self, layer: PatchLayer):
+        self.layer = layer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args):
+        out = args["conds_out"]
+        for inj in self.layer.injectors:
+            if inj.pre_cfg is not None:
+                got = inj.pre_cfg({**args, "conds_out": out})
+                if got is not None:
+                    out = got
+        return out
 
 
 def current_layer(model) -> PatchLayer:
@@ -538,10 +549,9 @@ def apply_injector(model, injector: Injector):
     family = model_family(m)
     if family == "other":
         raise PatchingError("this node patches SD1.5/SDXL UNet or FLUX models; the connected MODEL is neither "
-                         f"({type(m.model).__name__})")
+                            f"({type(m.model).__name__})")
     injector.bind(m.get_model_object("model_sampling"))
-    old = current_layer(m)
-    layer = old.with_injector(injector)
+    layer = current_layer(m).with_injector(injector)
     to = m.model_options.setdefault("transformer_options", {})
     to[LAYER_KEY] = layer
     replace = to.setdefault("patches_replace", {})
@@ -563,10 +573,30 @@ def apply_injector(model, injector: Injector):
                 slot[key] = _UnetAttnHook(layer, kind, key, prev, primary)
                 primary = False
         _install_unet_list_patches(to, layer)
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _ModelCallWrapper(layer))
+    _install_sampler_side(m, layer)
     log.debug("applied %s to a %s model (%d injectors now)", injector.name, family, len(layer.injectors))
     return m
+
+
+def _install_sampler_side(m, layer: PatchLayer) -> None:
+    """Every wrapper of ours under WRAPPER_KEY, rebuilt for the whole layer; the layer's pre-CFG step."""
+    for wrapper_type in _WRAPPER_TYPES:
+        m.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _RunScope(layer))
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _ModelCallWrapper(layer))
+    for inj in layer.injectors:
+        for wrapper_type, wrapper in inj.sampler_wrappers():
+            m.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+    fns = [f for f in m.model_options.get("sampler_pre_cfg_function", []) if not isinstance(f, _PreCfgHook)]
+    if any(inj.pre_cfg is not None for inj in layer.injectors):
+        fns.append(_PreCfgHook(layer))
+    if fns:
+        m.model_options["sampler_pre_cfg_function"] = fns
+    else:
+        m.model_options.pop("sampler_pre_cfg_function", None)
+
+
+_WRAPPER_TYPES = tuple(v for k, v in vars(WrappersMP).items() if k.isupper() and isinstance(v, str))
 
 
 def _install_unet_list_patches(to: dict, layer: PatchLayer) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from comfy_api.latest import io, ui
@@ -21,9 +20,9 @@ import folder_paths
 
 from ..face import align, detect, evaluate, landmarks, masks
 from ..face import insightface_loader as ifl
-from ..face.types import FaceDetection
+from ..face.sets import FaceAnalysis, FaceEmbedding, FaceSet, ensure_landmarks, ensure_poses
 from .folders import register_model_folder
-from .inputs import rgb_images
+from ..face.types import rgb_images
 from ..errors import FaceError
 
 log = logging.getLogger(__name__)
@@ -40,106 +39,6 @@ register_model_folder(FOLDER, {".onnx"})
 FaceAnalysisType = io.Custom("IDP_FACE_ANALYSIS")
 FacesType = io.Custom("IDP_FACES")
 FaceEmbeddingType = io.Custom("IDP_FACE_EMBEDDING")
-
-
-# ------------------------------------------------------------------------------------------ objects
-
-@dataclass
-class FaceAnalysis:
-    """A face detector (+ optional insightface pack with recognition/landmarks/pose) for the face nodes."""
-
-    detector: detect.FaceDetector
-    backend: str                                   # "insightface" or "retinaface"
-    pack: Optional[ifl.InsightFacePack] = None
-
-    @property
-    def has_recognition(self) -> bool:
-        return self.pack is not None and self.pack.model("recognition") is not None
-
-    @property
-    def id_model(self) -> str:
-        if not self.has_recognition:
-            return ""
-        return f"insightface {self.pack.name} ({self.pack.task_files.get('recognition', '?')})"
-
-    def detect(self, images: torch.Tensor) -> list[list[FaceDetection]]:
-        """All faces per image, one image at a time with ComfyUI progress and Cancel support."""
-        if images.ndim == 3:
-            images = images.unsqueeze(0)
-        pbar = comfy.utils.ProgressBar(images.shape[0])
-        out = []
-        for i in range(images.shape[0]):
-            mm.throw_exception_if_processing_interrupted()
-            faces = detect.detect_faces(images[i:i + 1], self.detector)[0]
-            for f in faces:
-                f.image_index = i
-            out.append(faces)
-            pbar.update(1)
-        return out
-
-    def embed(self, crops112: torch.Tensor) -> torch.Tensor:
-        if not self.has_recognition:
-            if self.pack is not None:
-                raise FaceError(f"the insightface pack '{self.pack.name}' has no recognition model: add its ArcFace "
-                                 "file (antelopev2: glintr100.onnx, buffalo_l: w600k_r50.onnx) to the pack's folder")
-            raise FaceError("face embeddings need an insightface pack with a recognition model (antelopev2: "
-                             "glintr100.onnx, buffalo_l: w600k_r50.onnx): use 'Load InsightFace Pack (IDP)' "
-                             f"instead of the {self.backend} detector")
-        return ifl.arcface_embeddings(self.pack, crops112)
-
-    def __repr__(self):
-        if self.pack is not None:
-            return f"FaceAnalysis(insightface {self.pack.name}: {', '.join(self.pack.tasks)})"
-        return f"FaceAnalysis({self.backend})"
-
-
-@dataclass
-class FaceSet:
-    """Faces found in an IMAGE batch: every detection, the selected ones (crop order) and their alignment."""
-
-    images: torch.Tensor
-    detected: list
-    selected: list
-    aligned: Optional[align.AlignedFaces] = None
-    crop_size: int = 112
-    padding: float = 0.0
-    backend: str = ""
-
-    @property
-    def height(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.images.shape[2])
-
-    def rows(self, which: str = "selected") -> list:
-        return self.selected if which == "selected" else self.detected
-
-    def with_faces(self, mapping: dict) -> "FaceSet":
-        """A copy where faces are replaced by id() -> new FaceDetection (e.g. with landmarks)."""
-        def sub(rows):
-            return [[mapping.get(id(f), f) for f in row] for row in rows]
-        aligned = self.aligned
-        if aligned is not None:
-            aligned = replace(aligned, faces=[mapping.get(id(f), f) for f in aligned.faces])
-        return replace(self, detected=sub(self.detected), selected=sub(self.selected), aligned=aligned)
-
-    def __repr__(self):
-        return (f"FaceSet({sum(map(len, self.selected))} selected of {sum(map(len, self.detected))} faces in "
-                f"{len(self.detected)} image(s), {self.backend})")
-
-
-@dataclass
-class FaceEmbedding:
-    """L2-normalised identity embeddings [N,D] (ArcFace) and the image each came from."""
-
-    embeddings: torch.Tensor
-    image_indices: list
-    model: str = ""
-
-    def __repr__(self):
-        return f"FaceEmbedding({tuple(self.embeddings.shape)}, {self.model})"
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -175,31 +74,14 @@ def load_pack(name: str, provider: str, det_size: int, det_thresh: float) -> ifl
         + ". Models are never downloaded automatically." + (f" {detail}" if detail else ""))
 
 
-def _mediapipe_for(faces: FaceSet, which: str, need: Callable[[FaceDetection], bool]) -> FaceSet:
-    """Run mediapipe FaceMesh on the faces in ``which`` for which need(face) is true."""
-    rows = faces.rows(which)
-    todo = [[f for f in row if need(f)] for row in rows]
-    if not any(todo):
-        return faces
-    pbar = comfy.utils.ProgressBar(len(rows))
-    mapping = {}
-    for i, row in enumerate(todo):
+def comfy_step(total: int):
+    """A ``step(done, total)`` for the face library's loops (face/sets.py): ComfyUI's progress bar and Cancel."""
+    pbar = comfy.utils.ProgressBar(total)
+
+    def step(done: int, n: int) -> None:
         mm.throw_exception_if_processing_interrupted()
-        if row:
-            fresh = landmarks.mediapipe_landmarks(faces.images[i:i + 1], [row])[0]
-            mapping.update((id(old), new) for old, new in zip(row, fresh))
-        pbar.update(1)
-    return faces.with_faces(mapping)
-
-
-def ensure_landmarks(faces: FaceSet, backend: str = "auto", which: str = "selected") -> FaceSet:
-    """Dense landmarks (+ pose) for the faces in ``which``; 'auto' keeps insightface's, 'mediapipe' redoes all."""
-    return _mediapipe_for(faces, which, lambda f: backend == "mediapipe" or f.landmarks is None)
-
-
-def ensure_poses(faces: FaceSet, which: str = "selected") -> FaceSet:
-    """Every face gets a pose: the detector's (insightface 3d68) or, where it has none, mediapipe's."""
-    return _mediapipe_for(faces, which, lambda f: f.pose is None and landmarks.ensure_pose(f) is None)
+        pbar.update_absolute(done, n)
+    return step
 
 
 def _which_input():
@@ -314,7 +196,7 @@ class FaceDetectAlign(io.ComfyNode):
         size = int(crop_size)
         image = rgb_images(image, "Face Detect & Align", "connect one or more images (an upstream Detect & Align "
                            "with skip_images_without_face drops the images without a face)")
-        detected = face_analysis.detect(image)
+        detected = face_analysis.detect(image, comfy_step(image.shape[0]))
         selected, lines = [], []
         for i, faces in enumerate(detected):
             pick = detect.select_faces(faces, order, None if face_index < 0 else face_index, min_size=min_face_size)
@@ -365,7 +247,7 @@ class FaceLandmarks(io.ComfyNode):
     def execute(cls, faces, backend, faces_to_use):
         if backend == "existing":
             return io.NodeOutput(faces)
-        return io.NodeOutput(ensure_landmarks(faces, backend, _which(faces_to_use)))
+        return io.NodeOutput(ensure_landmarks(faces, backend, _which(faces_to_use), comfy_step(len(faces.detected))))
 
 
 class FaceMask(io.ComfyNode):
@@ -396,7 +278,7 @@ class FaceMask(io.ComfyNode):
     def execute(cls, faces, shape, grow, grow_unit, feather, faces_to_use):
         which = _which(faces_to_use)
         if shape == "landmark hull":
-            faces = ensure_landmarks(faces, "auto", which)
+            faces = ensure_landmarks(faces, "auto", which, comfy_step(len(faces.detected)))
         relative = grow_unit != "pixels"
         m = masks.face_masks(faces.rows(which), faces.height, faces.width, grow=grow / 100.0 if relative else grow,
                              feather_px=feather, source="landmarks" if shape == "landmark hull" else "box",
@@ -430,7 +312,7 @@ class FaceLandmarkImage(io.ComfyNode):
         which = _which(faces_to_use)
         size = point_size or None
         if style == "landmarks":
-            faces = ensure_landmarks(faces, "auto", which)
+            faces = ensure_landmarks(faces, "auto", which, comfy_step(len(faces.detected)))
             img = landmarks.landmark_image(faces.rows(which), faces.height, faces.width, radius=size)
         else:
             img = landmarks.kps_image(faces.rows(which), faces.height, faces.width, thickness=size)
@@ -453,7 +335,7 @@ class FacePose(io.ComfyNode):
     @classmethod
     def execute(cls, faces, faces_to_use):
         which = _which(faces_to_use)
-        rows = ensure_poses(faces, which).rows(which)
+        rows = ensure_poses(faces, which, comfy_step(len(faces.detected))).rows(which)
         recs = []
         for row in rows:
             for f in row:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.latest import io
 
 import comfy.sample
 import folder_paths
 
-from ..face import detect as face_detect
-from ..face.types import BackendUnavailable
-from ..guidance import flashface as ff
+from ..guidance import flashface
+from ..guidance.flashface import RELEASED, TRAINING_FREE
 from .folders import register_model_folder
-from .inputs import rgb_images
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +28,6 @@ EXTENSIONS = {".safetensors", ".sft", ".ckpt"}   # .ckpt is read with torch.load
 register_model_folder(FOLDER, EXTENSIONS)
 
 FlashFaceRef = io.Custom("FLASHFACE_REF")
-
-R, TF = ff.RELEASED, ff.TRAINING_FREE
-
 
 def _lambda_inputs(defaults) -> list:
     return [
@@ -68,8 +62,8 @@ def _box_inputs(box) -> list:
             for n, v in zip(names, box)]
 
 
-def _guidance(lambda_feat, lambda_ref, launch, lambda_before, cfg_rescale) -> ff.Guidance:
-    return ff.Guidance(lambda_feat=lambda_feat, lambda_ref=lambda_ref, launch=launch, lambda_before=lambda_before,
+def _guidance(lambda_feat, lambda_ref, launch, lambda_before, cfg_rescale) -> flashface.Guidance:
+    return flashface.Guidance(lambda_feat=lambda_feat, lambda_ref=lambda_ref, launch=launch, lambda_before=lambda_before,
                        rescale=cfg_rescale)
 
 
@@ -96,35 +90,7 @@ class FlashFaceLoader(io.ComfyNode):
     @classmethod
     def execute(cls, flashface_file: str, weight_dtype: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, flashface_file)
-        return io.NodeOutput(ff.load_flashface(path, weight_dtype))
-
-
-def _detect_and_crop(faces: torch.Tensor) -> list:
-    try:
-        found = face_detect.detect_faces(faces)
-    except BackendUnavailable as e:
-        raise ff.FlashFaceError(f"{e}; or crop the faces yourself and set crop to 'pre-cropped'") from e
-    crops = []
-    for i, per_image in enumerate(found):
-        chosen = face_detect.select_faces(per_image, "largest", 0)
-        if not chosen:
-            raise ff.FlashFaceError(f"no face found in reference image {i + 1} of {len(found)}: use a photo with one "
-                                    "clearly visible face, or crop the face yourself and set crop to 'pre-cropped'")
-        if len(per_image) > 1:
-            log.warning("FlashFace: %d faces in reference image %d; using the largest", len(per_image), i + 1)
-        f = chosen[0]
-        crops.append(ff.crop_and_level(faces[i], f.bbox, f.kps[0], f.kps[1]))
-    return crops
-
-
-def encode_references(faces, vae, crop: str, size: int, pad_to: int):
-    """IMAGE faces → (FlashFaceReferences, the prepared face images)."""
-    faces = rgb_images(faces, "FlashFace references", "connect one or more photos of the same person",
-                       error=ff.FlashFaceError)
-    crops = _detect_and_crop(faces) if crop == "detect" else list(faces)
-    prepared = torch.cat([ff.pad_to_square(c[None], size) for c in crops])
-    latents = vae.encode(prepared).float().cpu()   # ComfyUI's VAE encodes to the posterior mean
-    return ff.FlashFaceReferences.single(latents).padded(pad_to), prepared
+        return io.NodeOutput(flashface.load_flashface(path, weight_dtype))
 
 
 class FlashFaceEncodeReferences(io.ComfyNode):
@@ -143,9 +109,9 @@ class FlashFaceEncodeReferences(io.ComfyNode):
                 io.Combo.Input("crop", options=["detect", "pre-cropped"], default="detect",
                                tooltip="detect: find the largest face (RetinaFace), crop its box and level the eyes, "
                                        "as the released code does. pre-cropped: use the images as they are."),
-                io.Int.Input("size", default=R["face_size"], min=64, max=1024, step=8,
+                io.Int.Input("size", default=RELEASED["face_size"], min=64, max=1024, step=8,
                              tooltip="Face size in pixels after padding to a square (224 for the released model)."),
-                io.Int.Input("pad_to", default=R["num_refs"], min=0, max=64,
+                io.Int.Input("pad_to", default=RELEASED["num_refs"], min=0, max=64,
                              tooltip="Repeat the faces cyclically up to this many references (the released code "
                                      "always uses 4). 0 = keep the faces as given."),
             ],
@@ -154,7 +120,7 @@ class FlashFaceEncodeReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, faces, vae, crop: str, size: int, pad_to: int) -> io.NodeOutput:
-        refs, prepared = encode_references(faces, vae, crop, size, pad_to)
+        refs, prepared = flashface.encode_references(faces, vae, crop, size, pad_to)
         return io.NodeOutput(refs, prepared)
 
 
@@ -198,11 +164,11 @@ class FlashFaceApply(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Positive prompt (for the GUIDER output)."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt (for the GUIDER output); the reference "
                                                           "pass always uses the negative prompt of the run."),
-                *_lambda_inputs(R),
-                io.Float.Input("cfg", default=R["cfg"], min=0.0, max=30.0, step=0.1,
+                *_lambda_inputs(RELEASED),
+                io.Float.Input("cfg", default=RELEASED["cfg"], min=0.0, max=30.0, step=0.1,
                                tooltip="Text guidance g of the GUIDER output (7.5 in the released code)."),
-                *_schedule_inputs(R),
-                *_box_inputs(R["box"]),
+                *_schedule_inputs(RELEASED),
+                *_box_inputs(RELEASED["box"]),
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Instead of the box: a mask of the image size (1 = face region), sampled to "
                                       "the latent grid like the released mask."),
@@ -214,8 +180,8 @@ class FlashFaceApply(io.ComfyNode):
     def execute(cls, model, references, positive, negative, lambda_feat, lambda_ref, cfg, launch, lambda_before,
                 cfg_rescale, face_x1, face_y1, face_x2, face_y2, face_mask=None) -> io.NodeOutput:
         g = _guidance(lambda_feat, lambda_ref, launch, lambda_before, cfg_rescale)
-        m = ff.apply_flashface(model, references, g, box=(face_x1, face_y1, face_x2, face_y2), mask=face_mask)
-        return io.NodeOutput(m, ff.make_guider(m, positive, negative, cfg))
+        m = flashface.apply_flashface(model, references, g, box=(face_x1, face_y1, face_x2, face_y2), mask=face_mask)
+        return io.NodeOutput(m, flashface.make_guider(m, positive, negative, cfg))
 
 
 class FlashFaceSampler(io.ComfyNode):
@@ -237,13 +203,13 @@ class FlashFaceSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="Empty latent of the output size (768x768 in the demo)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed."),
-                io.Int.Input("steps", default=R["steps"], min=1, max=200, tooltip="DDIM steps."),
-                io.Float.Input("cfg", default=R["cfg"], min=0.0, max=30.0, step=0.1, tooltip="Text guidance g."),
-                *_lambda_inputs(R),
-                io.Float.Input("launch", default=R["launch"], min=-1.0, max=1000.0, step=1.0,
+                io.Int.Input("steps", default=RELEASED["steps"], min=1, max=200, tooltip="DDIM steps."),
+                io.Float.Input("cfg", default=RELEASED["cfg"], min=0.0, max=30.0, step=0.1, tooltip="Text guidance g."),
+                *_lambda_inputs(RELEASED),
+                io.Float.Input("launch", default=RELEASED["launch"], min=-1.0, max=1000.0, step=1.0,
                                tooltip="Timestep (0-1000) from which the three-way reference guidance runs."),
-                *_box_inputs(R["box"]),
-                io.Int.Input("num_references", default=R["num_refs"], min=0, max=64,
+                *_box_inputs(RELEASED["box"]),
+                io.Int.Input("num_references", default=RELEASED["num_refs"], min=0, max=64,
                              tooltip="Repeat the references cyclically up to this many (4 released); 0 = as given."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
@@ -252,14 +218,14 @@ class FlashFaceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, references, latent_image, seed, steps, cfg, lambda_feat, lambda_ref,
                 launch, face_x1, face_y1, face_x2, face_y2, num_references) -> io.NodeOutput:
-        g = _guidance(lambda_feat, lambda_ref, launch, R["lambda_before"], R["rescale"])
-        m = ff.apply_flashface(model, references.padded(num_references), g, box=(face_x1, face_y1, face_x2, face_y2))
+        g = _guidance(lambda_feat, lambda_ref, launch, RELEASED["lambda_before"], RELEASED["rescale"])
+        m = flashface.apply_flashface(model, references.padded(num_references), g, box=(face_x1, face_y1, face_x2, face_y2))
         latent = comfy.sample.fix_empty_latent_channels(m, latent_image["samples"])
         if latent.shape[1] != 4:
-            raise ff.FlashFaceError(f"the latent has {latent.shape[1]} channels; FlashFace is an SD1.5 model (4): use an "
+            raise flashface.FlashFaceError(f"the latent has {latent.shape[1]} channels; FlashFace is an SD1.5 model (4): use an "
                                     "Empty Latent Image or a latent from an SD1.5 VAE")
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        samples = comfy.sample.sample(m, noise, steps, cfg, R["sampler"], R["scheduler"], positive, negative, latent,
+        samples = comfy.sample.sample(m, noise, steps, cfg, RELEASED["sampler"], RELEASED["scheduler"], positive, negative, latent,
                                       denoise=1.0, noise_mask=latent_image.get("noise_mask"), seed=seed)
         out = {k: v for k, v in latent_image.items() if k != "noise_mask"}
         out["samples"] = samples
@@ -287,11 +253,11 @@ class FlashFaceTrainingFreeApply(io.ComfyNode):
                 io.Conditioning.Input("negative",
                                       tooltip="Negative prompt (for the GUIDER output); the reference pass uses the "
                                               "run's negative prompt (FLUX without one: the positive)."),
-                *_lambda_inputs(TF),
-                io.Float.Input("cfg", default=R["cfg"], min=0.0, max=30.0, step=0.1,
+                *_lambda_inputs(TRAINING_FREE),
+                io.Float.Input("cfg", default=RELEASED["cfg"], min=0.0, max=30.0, step=0.1,
                                tooltip="Text guidance g of the GUIDER output (FLUX dev: 1.0)."),
-                *_schedule_inputs(TF),
-                io.Combo.Input("blocks", options=list(ff.TF_BLOCKS), default="decoder",
+                *_schedule_inputs(TRAINING_FREE),
+                io.Combo.Input("blocks", options=list(flashface.TF_BLOCKS), default="decoder",
                                tooltip="decoder: middle and decoder self-attention (UNet; as FlashFace) or the single "
                                        "blocks (FLUX). all: every self-attention / every FLUX block."),
             ],
@@ -301,9 +267,9 @@ class FlashFaceTrainingFreeApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, references, positive, negative, lambda_feat, lambda_ref, cfg, launch, lambda_before,
                 cfg_rescale, blocks) -> io.NodeOutput:
-        m = ff.apply_training_free(model, references, _guidance(lambda_feat, lambda_ref, launch, lambda_before,
+        m = flashface.apply_training_free(model, references, _guidance(lambda_feat, lambda_ref, launch, lambda_before,
                                                                 cfg_rescale), blocks=blocks)
-        return io.NodeOutput(m, ff.make_guider(m, positive, negative, cfg))
+        return io.NodeOutput(m, flashface.make_guider(m, positive, negative, cfg))
 
 
 NODES = [FlashFaceLoader, FlashFaceEncodeReferences, FlashFaceMixReferences, FlashFaceApply, FlashFaceSampler,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guidance import infinite_id as iid
-from .omni_id import OmniIDModelType, OmniIDType, _adapter_for
+from .omni_id import OmniIDModelType, OmniIDType
 
 DEFAULTS = iid.PAPER_DEFAULTS
 
@@ -79,7 +79,7 @@ class InfiniteIDApply(io.ComfyNode):
     def execute(cls, model, omni_id_model, identity, identity_weight, mixed_attention_weight, merge_weight, adain_mean,
                 blocks, start_at, end_at, apply_to, identity_stream_cfg, output, identity_mixing, identity_2_weight,
                 identity_2=None):
-        adapter = _adapter_for(omni_id_model, model)
+        adapter = omni_id_model.adapter_for(model)
         tokens = iid.combine_identities(identity.tokens, None if identity_2 is None else identity_2.tokens,
                                         identity_mixing, identity_2_weight)
         patched = iid.apply_infinite_id(

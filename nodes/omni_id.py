@@ -1,29 +1,22 @@
 """Omni-ID nodes: load weights, encode 1..N faces into one identity, apply it to SD1.5/SDXL/FLUX, mix, save/load.
 
-Math lives in omni_encoder/ (encoders, formats, mixing) and guidance/ip_adapter.py (injection).
+Thin adapters: models and encoding in guidance/omni_id.py, injection in guidance/ip_adapter.py, the encoder,
+formats and mixing in omni_encoder/.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Optional
 
-import torch
 from comfy_api.latest import io
 
-import comfy.model_management as mm
-import comfy.utils
 import folder_paths
 
-from ..guidance import ip_adapter as ipa
+from ..guidance import ip_adapter
+from ..guidance.omni_id import Identity, encode_arcface, encode_faces, load_omni_id_model
 from ..guidance.patching import apply_injector, model_family
 from ..omni_encoder import mixing, weights
-from ..omni_encoder.baselines import CLIPTokensEncoder
-from ..omni_encoder.encoder import OmniIDConfig
 from .folders import register_model_folder
-from .inputs import rgb_images
-from ..errors import OmniIDError
 
 log = logging.getLogger(__name__)
 
@@ -38,135 +31,10 @@ OmniIDModelType = io.Custom("OMNI_ID_MODEL")
 OmniIDType = io.Custom("OMNI_ID")
 
 
-@dataclass
-class OmniIDModel:
-    """An identity encoder with the injection adapter trained with it, for one base family."""
-    encoder: torch.nn.Module
-    adapter: torch.nn.Module
-    family: str
-    meta: Optional[weights.IdentityWeightsMeta] = None
-    source: str = ""
-
-    @property
-    def encoder_type(self) -> str:
-        return self.meta.config.encoder_type if self.meta else "clip"
-
-
-@dataclass
-class Identity:
-    """Encoded identity tokens (N_id, L, C) and where they came from."""
-    tokens: torch.Tensor
-    num_source_images: list = field(default_factory=list)
-    encoder_type: str = "omni_id"
-
-    def __repr__(self):   # shown in the UI and logs
-        return f"Identity({tuple(self.tokens.shape)}, from {self.num_source_images} image(s))"
-
-
 def identity_ui(ident: Identity) -> dict:
     """UI data for the frontend's identity chip (web/js/idportrait.js)."""
     return {"idp_identity": [{"images": int(sum(ident.num_source_images)), "tokens": int(ident.tokens.shape[-2]),
                               "identities": int(ident.tokens.shape[0])}]}
-
-
-def load_omni_id_model(path: str) -> OmniIDModel:
-    """Our format (metadata format=omni_id) or a public IP-Adapter file (CLIP baseline, SD1.5/SDXL)."""
-    md = weights.read_metadata(path) if path.endswith((".safetensors", ".sft")) else {}
-    if md.get("format") == weights.WEIGHTS_FORMAT:
-        encoder, meta, proj_sd = weights.load_identity_encoder(path)
-        adapter = ipa.adapter_from_state_dict(meta.base_family, proj_sd)
-        return OmniIDModel(encoder, adapter, meta.base_family, meta, os.path.basename(path))
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
-    if any(k.startswith("ip_adapter.") for k in sd) and any(k.startswith("image_proj.") for k in sd):
-        kind = public_ip_adapter_kind(sd)
-        if kind != "full-face":
-            raise OmniIDError(f"{os.path.basename(path)} is a {kind} IP-Adapter; this loader takes the full-face file "
-                             "(ip-adapter-full-face_sd15: 257 CLIP tokens through an MLP projection). Use an "
-                             f"IP-Adapter pack for {kind} files")
-        dim = sd["image_proj.proj.0.weight"].shape[1]   # width of the CLIP tokens the projection takes
-        cfg = OmniIDConfig(encoder_type="clip", token_dim=dim, clip_dim=dim, heads=1)
-        return OmniIDModel(CLIPTokensEncoder(cfg), _PublicIPAdapter(sd), "unet", None, os.path.basename(path))
-    raise OmniIDError(f"{os.path.basename(path)} is neither an Omni-ID weight file (format=omni_id in its metadata) nor an "
-                     "IP-Adapter file (image_proj.* / ip_adapter.* keys): put Omni-ID files in models/omni_id and "
-                     "IP-Adapter 'full face' files in models/ipadapter")
-
-
-def public_ip_adapter_kind(sd: dict) -> str:
-    """Which public IP-Adapter an ``image_proj.*`` state dict is (by its projection's layout)."""
-    keys = set(sd)
-    if "image_proj.latents" in keys:
-        return "plus (Resampler)"
-    if "image_proj.norm.weight" in keys:
-        return "FaceID" if "image_proj.proj.0.weight" in keys else "basic"
-    if {"image_proj.proj.0.weight", "image_proj.proj.2.weight", "image_proj.proj.3.weight"} <= keys:
-        return "full-face"
-    return "unrecognised"
-
-
-class _PublicIPAdapter:
-    """Public IP-Adapter weights, converted to our layout once the target UNet is known."""
-
-    def __init__(self, sd):
-        self.sd = sd
-
-    def for_model(self, diffusion_model) -> ipa.SDIdentityAdapter:
-        conv = ipa.convert_public_ip_adapter(self.sd, diffusion_model)
-        return ipa.adapter_from_state_dict("unet", conv)
-
-
-def _adapter_for(m: OmniIDModel, model) -> torch.nn.Module:
-    family = model_family(model)
-    if family not in weights.BASE_FAMILIES:
-        raise OmniIDError(f"Omni-ID injection supports SD1.5, SDXL and FLUX models; this MODEL is {family}")
-    dm = model.model.diffusion_model
-    if isinstance(m.adapter, _PublicIPAdapter):
-        if family == "flux":
-            raise OmniIDError("an SD IP-Adapter file cannot be applied to a FLUX model: use an Omni-ID file for flux")
-        adapter = m.adapter.for_model(dm)
-    else:
-        weights.check_base_family(m.meta, family)
-        adapter = m.adapter
-    ipa.check_adapter_fits(adapter, family, dm)
-    return adapter
-
-
-def run_encoder(encoder: torch.nn.Module, **inputs) -> torch.Tensor:
-    """Runs the (small, plain torch) identity encoder on the compute device and puts it back.
-
-    Moved as a whole: a ModelPatcher's partial (low-VRAM) load would leave its plain layers and the learned
-    queries on the CPU. With --novram it stays on the offload device.
-    """
-    dev = mm.get_torch_device() if mm.vram_state != mm.VRAMState.NO_VRAM else mm.unet_offload_device()
-    if dev.type != "cpu":
-        mm.free_memory(2 * sum(p.numel() * p.element_size() for p in encoder.parameters()), dev)
-    first = next(encoder.parameters(), None)   # the plain CLIP baseline has none
-    home = first.device if first is not None else torch.device("cpu")
-    try:
-        encoder.to(dev)
-        with torch.no_grad():
-            return encoder(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()})
-    finally:
-        encoder.to(home)
-
-
-def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) -> Identity:
-    """IMAGE (N, H, W, 3) of one person's aligned faces → one identity (1, L, C)."""
-    images = rgb_images(images, "Omni-ID Encode", "connect one or more face images of the same person")
-    if clip_vision is None:
-        raise OmniIDError(f"the {m.encoder_type} encoder needs CLIP vision tokens: connect a CLIP_VISION model (ViT-H/14)")
-    pbar = comfy.utils.ProgressBar(images.shape[0] + 1)
-    toks = []
-    for i in range(images.shape[0]):   # one image at a time: bounded memory for large reference sets
-        toks.append(clip_vision.encode_image(images[i:i + 1], crop=crop)["penultimate_hidden_states"])
-        pbar.update(1)
-    clip_tokens = torch.cat(toks)[None].float()   # (1, N, 257, C)
-    cfg = getattr(m.encoder, "config", None)
-    if cfg is not None and clip_tokens.shape[-1] != cfg.clip_dim:
-        raise OmniIDError(f"the CLIP vision model gives tokens of width {clip_tokens.shape[-1]} but these Omni-ID weights "
-                         f"expect {cfg.clip_dim} (CLIP-H/14 is 1280): load the matching CLIP vision model")
-    tokens = run_encoder(m.encoder, clip_tokens=clip_tokens)
-    pbar.update(1)
-    return Identity(tokens.to(mm.intermediate_device()).float(), [int(images.shape[0])], m.encoder_type)
 
 
 class OmniIDLoader(io.ComfyNode):
@@ -246,22 +114,7 @@ class OmniIDEncodeArcFace(io.ComfyNode):
 
     @classmethod
     def execute(cls, omni_id_model, face_embedding, clip_vision=None, faces=None):
-        m = omni_id_model
-        if m.encoder_type not in ("arcface", "arcface_clip"):
-            raise OmniIDError(f"these weights are an {m.encoder_type} encoder: use 'Omni-ID Encode Faces' instead")
-        emb = face_embedding.embeddings
-        if emb.shape[0] == 0:
-            raise OmniIDError("no ArcFace embedding: the Face Embedding node found no face")
-        clip_tokens = None
-        if m.encoder_type == "arcface_clip":
-            if faces is not None:
-                faces = rgb_images(faces, "Omni-ID Encode ArcFace (faces)", "connect the aligned face crops")
-            if clip_vision is None or faces is None:
-                raise OmniIDError("arcface_clip weights also need CLIP vision and the face crops: connect both")
-            clip_tokens = torch.cat([clip_vision.encode_image(faces[i:i + 1], crop=True)["penultimate_hidden_states"]
-                                     for i in range(faces.shape[0])])[None].float()
-        tokens = run_encoder(m.encoder, clip_tokens=clip_tokens, arcface=emb[None].float())
-        ident = Identity(tokens.to(mm.intermediate_device()).float(), [int(emb.shape[0])], m.encoder_type)
+        ident = encode_arcface(omni_id_model, face_embedding.embeddings, clip_vision, faces)
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
@@ -297,8 +150,8 @@ class OmniIDApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, omni_id_model, identity, weight, start_at, end_at, apply_to, attn_mask=None):
-        adapter = _adapter_for(omni_id_model, model)
-        inj = ipa.IdentityInjector(adapter, identity.tokens, model_family(model), weight=weight, mask=attn_mask,
+        adapter = omni_id_model.adapter_for(model)
+        inj = ip_adapter.IdentityInjector(adapter, identity.tokens, model_family(model), weight=weight, mask=attn_mask,
                                    start_percent=start_at, end_percent=end_at,
                                    apply_to="cond" if apply_to == "cond" else "both")
         return io.NodeOutput(apply_injector(model, inj))

@@ -1,7 +1,7 @@
 """OmniPortrait RB-Guidance nodes: a GUIDER for SamplerCustomAdvanced, a KSampler-style node, identities
 for several people in one image, and a preview of the generated-face mask M_gen.
 
-Thin adapters: the guider and all math live in guidance/rb_guidance.py and guidance/rb_energy.py.
+Thin adapters: the guider and all math live in guidance/rb_guidance/.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..guidance import rb_energy as rb
-from ..guidance import rb_guidance as rg
+from ..guidance import rb_guidance
+from ..guidance.rb_guidance import energy
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ def _guidance_inputs() -> list:
     """Inputs shared by the guider and the sampler node (names are part of saved workflows)."""
     return [
         io.Vae.Input("vae", tooltip="The VAE of this model; encodes the reference image(s)."),
-        io.Float.Input("p", default=rb.P_STRENGTH, min=0.0, max=1000.0, step=0.1,
+        io.Float.Input("p", default=energy.P_STRENGTH, min=0.0, max=1000.0, step=0.1,
                        tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling)."),
-        io.Float.Input("u", default=rb.U_START, min=0.0, max=1.0, step=0.01,
+        io.Float.Input("u", default=energy.U_START, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance runs for t <= u*T: the last u of the noise schedule (0.6 = the paper). "
                                "Earlier steps are plain CFG."),
-        io.Int.Input("t0", default=rg.T0_DEFAULT, min=1, max=999,
+        io.Int.Input("t0", default=rb_guidance.T0_DEFAULT, min=1, max=999,
                      tooltip="Noise level of the reference pass on the 1000-step scale (671 = the paper), converted "
                              "to the model's own sigma."),
-        io.String.Input("feature_point", default=rg.FEATURE_AUTO, tooltip=_FEATURE_TIP),
+        io.String.Input("feature_point", default=rb_guidance.FEATURE_AUTO, tooltip=_FEATURE_TIP),
     ]
 
 
@@ -59,27 +59,27 @@ def _identity_inputs(prefix_optional: bool = True) -> list:
         io.Int.Input("token_index", optional=True, default=-1, min=-1, max=4095,
                      tooltip="Prompt token whose cross-attention gives M_gen (Eq. 6), e.g. the class word 'woman'; "
                              "counts the start token. -1: not used."),
-        io.Combo.Input("reference_mask_source", optional=True, options=list(rg.MASK_SOURCES), default="auto",
+        io.Combo.Input("reference_mask_source", optional=True, options=list(rb_guidance.MASK_SOURCES), default="auto",
                        tooltip="When the reference face is detected: 'auto' = landmark hull (or box ellipse), "
                                "'box' = the detection box."),
     ]
 
 
 def _identity(reference, reference_mask=None, region_mask=None, region_box="", token_index=-1,
-              reference_mask_source="auto") -> rg.RBIdentity:
-    return rg.RBIdentity(reference=reference, reference_mask=reference_mask, region_mask=region_mask,
-                         region_box=rg.parse_box(region_box),
+              reference_mask_source="auto") -> rb_guidance.RBIdentity:
+    return rb_guidance.RBIdentity(reference=reference, reference_mask=reference_mask, region_mask=region_mask,
+                         region_box=rb_guidance.parse_box(region_box),
                          token_index=None if token_index is None or token_index < 0 else int(token_index),
                          reference_mask_source=reference_mask_source or "auto")
 
 
 def build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, identities, ensemble=1,
-                 ref_seed=0, normalize_mask=False) -> rg.RBGuider:
+                 ref_seed=0, normalize_mask=False) -> rb_guidance.RBGuider:
     if not identities:
-        raise rg.RBGuidanceError("connect a reference image (or identities from 'RB-Guidance Identity')")
-    settings = rg.RBSettings(p=float(p), u=float(u), t0=float(t0), feature_point=feature_point, ensemble=int(ensemble),
+        raise rb_guidance.RBGuidanceError("connect a reference image (or identities from 'RB-Guidance Identity')")
+    settings = rb_guidance.RBSettings(p=float(p), u=float(u), t0=float(t0), feature_point=feature_point, ensemble=int(ensemble),
                              ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask))
-    guider = rg.RBGuider(model, identities, vae, settings)
+    guider = rb_guidance.RBGuider(model, identities, vae, settings)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     if settings.p != 0:
@@ -119,8 +119,8 @@ class RBGuidanceIdentity(io.ComfyNode):
                 reference_mask_source="auto", class_word="", clip=None, prompt="", identities=None) -> io.NodeOutput:
         if class_word and class_word.strip():
             if clip is None or not (prompt or "").strip():
-                raise rg.RBGuidanceError("class_word needs the clip and the prompt text it was encoded from")
-            token_index = rg.find_token_index(clip, prompt, class_word)
+                raise rb_guidance.RBGuidanceError("class_word needs the clip and the prompt text it was encoded from")
+            token_index = rb_guidance.find_token_index(clip, prompt, class_word)
         ident = _identity(reference, reference_mask, region_mask, region_box, token_index, reference_mask_source)
         return io.NodeOutput(list(identities or []) + [ident])
 
@@ -164,7 +164,7 @@ class RBGuidanceGuider(io.ComfyNode):
                                           ref_seed, normalize_mask))
 
 
-def _latent_size_mask(guider: rg.RBGuider, samples: torch.Tensor) -> torch.Tensor:
+def _latent_size_mask(guider: rb_guidance.RBGuider, samples: torch.Tensor) -> torch.Tensor:
     return guider.gen_mask_preview((samples.shape[-2] * 8, samples.shape[-1] * 8))
 
 
@@ -241,8 +241,8 @@ class RBGuidanceMaskPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, guider, samples) -> io.NodeOutput:
-        if not isinstance(guider, rg.RBGuider):
-            raise rg.RBGuidanceError("the guider is not an RB-Guidance guider")
+        if not isinstance(guider, rb_guidance.RBGuider):
+            raise rb_guidance.RBGuidanceError("the guider is not an RB-Guidance guider")
         return io.NodeOutput(_latent_size_mask(guider, samples["samples"]))
 
 

@@ -13,10 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (loads a real ComfyUI and this pack once per session)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared 2-core machine OpenMP spin-waiting of several
-    threads per process can slow these tests down by an order of magnitude. Use with pytest.mark.usefixtures."""
+    """One intra-op thread for the whole suite. Tiny models run faster on one thread, and on a shared 2-core
+    machine OpenMP spin-waiting of several threads per process can slow the tests down by an order of magnitude
+    (results do not depend on it: every comparison is between runs of the same process)."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from idportrait.nodes import face_tools as FT
 from idportrait.nodes import flashface as FN
 from idportrait.nodes import omni_id as N
 from idportrait.stand_ins import models as tm
-from idportrait.nodes.inputs import rgb_images
+from idportrait.face.types import rgb_images
 
 
 def test_rgb_images_converts_gray_and_alpha_and_rejects_empty():

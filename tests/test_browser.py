@@ -11,8 +11,9 @@ import time
 import pytest
 
 import harness
+from helpers import EXAMPLES
+import helpers
 from conftest import _get
-from test_example_workflows import EXAMPLES
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("IDP_CHROMIUM", "/usr/bin/chromium")
@@ -55,10 +56,9 @@ def _post_settings(url, settings):
 def stand_in_ui(base):
     """A UI workflow on stand-in models, with a tiny Omni-ID file in the server's own models/omni_id."""
     import nodes
-    import test_omni_id_nodes as T
     from idportrait.omni_encoder import weights as W
     from workflow_tools import build_ui
-    src = os.path.join(T.MODELS, T.write_weights("sd15", "browser_sd15.safetensors"))
+    src = os.path.join(helpers.MODELS, helpers.write_weights("sd15", "browser_sd15.safetensors"))
     os.makedirs(os.path.join(base, "models", "omni_id"), exist_ok=True)
     meta, enc, proj = W.load_identity_weights(src)
     W.save_identity_weights(os.path.join(base, "models", "omni_id", "browser_sd15.safetensors"), enc, proj, meta)

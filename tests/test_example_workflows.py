@@ -4,7 +4,6 @@ The UI JSON is converted by our own code (scripts/workflow_tools.py, no browser)
 added/removed/reordered, fails here. Loaders marked with a stand-in are swapped for the tiny models; loaders of
 our own formats keep running their real loading code on tiny files written in the real format.
 """
-import glob
 import json
 import os
 
@@ -15,9 +14,9 @@ from PIL import Image
 import nodes
 
 import harness
+from helpers import EXAMPLES, write_weights
 from workflow_tools import WorkflowFormatError, swap_stand_ins, ui_to_api
 
-EXAMPLES = sorted(glob.glob(os.path.join(harness.REPO, "example_workflows", "*.json")))
 
 
 def node_defs(t):
@@ -42,8 +41,7 @@ def prepare_files(ui):
         if "idportrait_stand_in_file" in props:
             spec = props["idportrait_stand_in_file"]
             if spec["folder"] == "omni_id":
-                from test_omni_id_nodes import write_weights
-                write_weights(spec["family"], n["widgets_values"][0])
+                                write_weights(spec["family"], n["widgets_values"][0])
             elif spec["folder"] == "flashface":
                 import folder_paths
                 import torch

@@ -16,6 +16,7 @@ import nodes
 import harness  # noqa: F401
 from idportrait.guidance import flashface as FF
 from idportrait.guidance import patching as P
+from idportrait.guidance.run_state import Trace
 from idportrait.stand_ins import models as tm
 from flashface_tiny import tiny_state_dict
 
@@ -91,7 +92,7 @@ class Capture(P.Injector):
         self.seen.append({"base": ctx.base.clone(), "out": out.clone(), "x": ctx.x, "q": ctx.q, "k": ctx.k, "v": ctx.v,
                           "sigma": ctx.transformer_options["sigmas"].clone(),
                           "heads": ctx.n_heads, "module": ctx.module(), "key": ctx.key,
-                          "feats": [f.clone() for f in self.inj.features(ctx.key)] if self.inj else []})
+                          "feats": [f.clone() for f in self.inj.features(ctx)] if self.inj else []})
         return out
 
     def attn1(self, ctx, out, **kw):
@@ -99,6 +100,11 @@ class Capture(P.Injector):
 
     def attn1_output(self, ctx, out, **kw):
         return self._record(ctx, out)
+
+
+def faces_encoded(trace) -> int:
+    """Distinct faces run through the reference net, over every reference pass the trace saw."""
+    return sum(e["faces"] for e in trace.of("flashface.reference_pass"))
 
 
 def test_training_free_block_computes_the_blend_of_self_and_reference_attention():
@@ -188,16 +194,16 @@ class AttnCapture(P.Injector):
 
     def single_block(self, ctx, args, call, **kw):
         to = dict(args.get("transformer_options") or {})
-        outer = to.get(FF.OVERRIDE)
+        outer = to.get(P.OVERRIDE_KEY)
 
         def cap(func, q, k, v, heads, *a, **kwa):
             out = outer(func, q, k, v, heads, *a, **kwa) if outer is not None else func(q, k, v, heads, *a, **kwa)
             if not self.seen:
                 self.seen.append({"q": q.clone(), "k": k.clone(), "v": v.clone(), "out": out.clone(),
                                   "txt": ctx.txt_len, "heads": heads,
-                                  "feats": [tuple(x.clone() for x in f) for f in self.inj.features(ctx.key)]})
+                                  "feats": [tuple(x.clone() for x in f) for f in self.inj.features(ctx)]})
             return out
-        to[FF.OVERRIDE] = cap
+        to[P.OVERRIDE_KEY] = cap
         return call({**args, "transformer_options": to})
 
 
@@ -241,7 +247,7 @@ def test_flashface_block_adds_both_reference_attention_terms(ff_model):
     run(P.apply_injector(patched, cap), steps=1)
     s = cap.seen[0]
     y = s["x"]
-    ra = FF.transformer_block(ff_model.model.diffusion_model, key).flashface_ref_attn
+    ra = P.transformer_block(ff_model.model.diffusion_model, key).flashface_ref_attn
     b = y.shape[0]
     with torch.no_grad():
         with_refs = sum(w * ra(y, context=torch.cat([y, f.reshape(1, -1, f.shape[-1]).expand(b, -1, -1)], 1))
@@ -256,12 +262,13 @@ def test_flashface_lambda_zero_still_adds_self_reference_attention(ff_model):
                                                                lambda_before=0.0, rescale=0.0))
     key = ("middle", 0, 0)
     cap = Capture(key, "attn1_output")
-    run(P.apply_injector(patched, cap), steps=1)
+    with Trace() as trace:
+        run(P.apply_injector(patched, cap), steps=1)
     s = cap.seen[0]
-    ra = FF.transformer_block(ff_model.model.diffusion_model, key).flashface_ref_attn
+    ra = P.transformer_block(ff_model.model.diffusion_model, key).flashface_ref_attn
     with torch.no_grad():
         torch.testing.assert_close(s["out"], s["base"] + ra(s["x"]), rtol=1e-4, atol=1e-5)
-    assert FF.injector_of(patched).reference_passes == 0   # no λ ≠ 0 row: no reference pass at all
+    assert trace.count("flashface.reference_pass") == 0   # no λ ≠ 0 row: no reference pass at all
 
 
 # --- three-way guidance ------------------------------------------------------------------------
@@ -338,18 +345,13 @@ def test_cfg_rescale_matches_the_released_formula():
 
 
 def test_three_way_step_rescales_against_the_cond_row_without_references():
-    """The pre-CFG step itself: rows with very different spreads, so the numerator's row is visible."""
+    """The MODEL path's pre-CFG step itself: rows with very different spreads, so the numerator's row is visible."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 8, 8, generator=g)
     y, u, y_ref = (torch.randn(1, 4, 8, 8, generator=g) * s for s in (0.5, 2.0, 1.0))
     sigma = torch.tensor([2.0])
-
-    class Inj:   # the injector's side of the protocol: guidance settings and the stashed reference row
-        guidance = FF.Guidance(1.2, 3.2, launch=1000, lambda_before=0.85, rescale=0.5)
-
-        def take_ref_output(self, s, like):
-            return y_ref
-    out = FF._ThreeWayCombine(Inj())({"conds_out": [y, u], "cond_scale": 7.5, "sigma": sigma, "input": x})
+    guidance = FF.Guidance(1.2, 3.2, launch=1000, lambda_before=0.85, rescale=0.5)
+    out = FF.as_cfg_pair(FF.three_way(y, u, y_ref, x, sigma, 7.5, guidance), u, 7.5)
     final = out[1] + 7.5 * (out[0] - out[1])            # what ComfyUI's CFG makes of the returned pair
     want = FF.rescale_cfg(u + 7.5 * (y - u) + 3.2 * (y_ref - y), y, x, sigma, 0.5)
     torch.testing.assert_close(final, want)
@@ -381,8 +383,9 @@ def test_reference_pass_runs_once_per_step_whatever_the_batch(ff_model):
         for batch, neg in ((1, cond(2)), (2, cond(2)), (1, neg_split)):
             ref_calls.clear(), main_calls.clear()
             m = FF.apply_flashface(ff_model, r, FF.Guidance(launch=500))
-            run(m, steps=3, cfg=7.5, batch=batch, neg=neg)
-            assert len(ref_calls) == 3 and FF.injector_of(m).reference_passes == 3, (batch, len(ref_calls))
+            with Trace() as trace:
+                run(m, steps=3, cfg=7.5, batch=batch, neg=neg)
+            assert len(ref_calls) == 3 and trace.count("flashface.reference_pass") == 3, (batch, len(ref_calls))
             assert len(main_calls) == (6 if neg is neg_split else 3)
             sig = comfy.samplers.calculate_sigmas(ms, "normal", 3)[:3]
             for (x, t, ctx), s in zip(ref_calls, sig):
@@ -408,10 +411,11 @@ def test_repeated_faces_are_encoded_once_and_give_the_same_image(ff_model, monke
         for r, distinct in ((one.padded(4), 1), (mixed, 3)):
             sizes.clear()
             m = FF.apply_flashface(ff_model, r, g)
-            got = run(m, steps=2)
-            assert sizes == [distinct, distinct] and FF.injector_of(m).reference_faces_encoded == 2 * distinct
+            with Trace() as trace:
+                got = run(m, steps=2)
+            assert sizes == [distinct, distinct] and faces_encoded(trace) == 2 * distinct
             with monkeypatch.context() as mp:   # every face through the reference net, as the released code does
-                mp.setattr(FF, "_unique_faces", lambda batch: (batch, None))
+                mp.setattr(FF.attention, "_unique_faces", lambda batch: (batch, None))
                 sizes.clear()
                 want = run(FF.apply_flashface(ff_model, r, g), steps=2)
                 assert sizes == [sum(s.latents.shape[0] for s in r.sets)] * 2
@@ -428,12 +432,14 @@ def test_training_free_repeated_faces_are_encoded_once(family, monkeypatch):
     r = refs(4, n=1, channels=tm.latent_channels(family)).padded(3)
     g = FF.Guidance(lambda_feat=0.9, lambda_ref=2.0, launch=1000, lambda_before=0.85, rescale=0.0)
     patched = FF.apply_training_free(m, r, g, blocks="all")
-    got = run(patched, steps=2, cfg=4.0, family=family)
-    assert FF.injector_of(patched).reference_faces_encoded == 2   # one face, two steps
-    monkeypatch.setattr(FF, "_unique_faces", lambda batch: (batch, None))
+    with Trace() as trace:
+        got = run(patched, steps=2, cfg=4.0, family=family)
+    assert faces_encoded(trace) == 2   # one face, two steps
+    monkeypatch.setattr(FF.attention, "_unique_faces", lambda batch: (batch, None))
     every = FF.apply_training_free(m, r, g, blocks="all")
-    want = run(every, steps=2, cfg=4.0, family=family)
-    assert FF.injector_of(every).reference_faces_encoded == 6
+    with Trace() as trace:
+        want = run(every, steps=2, cfg=4.0, family=family)
+    assert faces_encoded(trace) == 6
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
@@ -450,10 +456,12 @@ def test_reference_pass_outside_a_sampler_uses_the_calls_own_context(ff_model):
     # what a sampler's prepare step puts in transformer_options, minus the run itself
     to = {**m.model_options["transformer_options"], "wrappers": m.wrappers, "sigmas": sigma, "cond_or_uncond": [0, 1]}
     try:
-        out = m.model.apply_model(torch.randn(2, 4, SIZE, SIZE), sigma, c_crossattn=ctx, transformer_options=to)
+        with Trace() as trace:
+            out = m.model.apply_model(torch.randn(2, 4, SIZE, SIZE), sigma, c_crossattn=ctx, transformer_options=to)
     finally:
         h.remove()
-    assert torch.isfinite(out).all() and FF.injector_of(m).reference_passes == 1
+    assert torch.isfinite(out).all() and trace.count("flashface.reference_pass") == 1
+    assert [r.scope for r in trace.runs] == ["call"] and "idportrait_run" not in m.model_options["transformer_options"]
     torch.testing.assert_close(seen[0], ctx[1:2].expand(2, -1, -1))
 
 

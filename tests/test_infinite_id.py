@@ -1,4 +1,5 @@
 """Infinite-ID's identity/text decoupling (guidance/infinite_id.py, nodes/infinite_id.py) on real ComfyUI models."""
+import collections
 import math
 import os
 
@@ -8,15 +9,27 @@ import torch
 import nodes
 
 import harness
+from helpers import Recorder, identity_tokens, latest_latent, random_adapter, workflow, write_weights
 from idportrait.guidance import infinite_id as I
 from idportrait.guidance import patching as P
+from idportrait.guidance import rows
+from idportrait.guidance.run_state import Trace
 from idportrait.nodes import infinite_id as NI
-from idportrait.nodes import omni_id as N
+from idportrait.guidance import omni_id as OM
 from idportrait.stand_ins import models as tm
-from test_ip_adapter import _adapter, _tokens
-from test_omni_id_nodes import _latest_latent, workflow, write_weights
 
 BOTH = "text + identity streams"
+
+
+def stream_calls(trace) -> collections.Counter:
+    """Model calls of the two streams by kind: coupled / text / identity / identity_skipped (opt-in trace)."""
+    return collections.Counter(e["kind"] for e in trace.of("infinite_id.call"))
+
+
+def probes(trace) -> list:
+    """(kind, block key, recorded tensors) of every mixed attention / merge the trace saw."""
+    return [(name.split(".", 1)[1], data["key"], data) for name, data in trace.events
+            if name in ("infinite_id.attn1", "infinite_id.attn2", "infinite_id.flux")]
 
 
 def sample(model, family, pos=1, neg=2, steps=3, cfg=4.0, seed=11, size=16, batch=1, sampler="euler"):
@@ -95,31 +108,34 @@ def test_block_selection_parsing():
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_identity_part_removed_is_bit_identical_to_the_plain_text_stream(family):
     m = tm.tiny_model(family, 0)
-    a = _adapter(m, family)
+    a = random_adapter(m, family)
     plain = sample(m, family)
     # weight 0 (mixed attention and merge): no identity stream is run at all
-    off = I.apply_infinite_id(m, a, _tokens(), mix_weight=0.0, merge_weight=0.0)
+    off = I.apply_infinite_id(m, a, identity_tokens(), mix_weight=0.0, merge_weight=0.0)
     assert torch.equal(sample(off, family), plain)
     # a window that holds no step: the identity stream runs every step (kept in the output to prove it),
     # but the text stream never meets it, and comes out bit-identical
-    outside = I.apply_infinite_id(m, a, _tokens(), start_percent=0.37, end_percent=0.37, output=BOTH)
-    got = sample(outside, family)
-    calls = I.stream_calls_of(outside).calls
+    outside = I.apply_infinite_id(m, a, identity_tokens(), start_percent=0.37, end_percent=0.37, output=BOTH)
+    with Trace() as trace:
+        got = sample(outside, family)
+    calls = stream_calls(trace)
     assert got.shape[0] == 2 and calls["identity"] == 3 and calls["coupled"] == 0
     assert torch.equal(got[:1], plain)
     assert not torch.equal(got[1:], plain)             # the identity stream is a different image
     # and the identity part switched on changes the text stream (the test can fail)
-    on = I.apply_infinite_id(m, a, _tokens(), merge_weight=0.0)
-    assert not torch.allclose(sample(on, family), plain)
-    assert I.stream_calls_of(on).calls["coupled"] == 3
+    on = I.apply_infinite_id(m, a, identity_tokens(), merge_weight=0.0)
+    with Trace() as trace:
+        assert not torch.allclose(sample(on, family), plain)
+    assert stream_calls(trace)["coupled"] == 3
 
 
 def test_window_runs_streams_coupled_only_inside_and_drops_the_identity_stream_after():
     m = tm.tiny_model("sd15", 0)
-    a = _adapter(m, "sd15")
-    p = I.apply_infinite_id(m, a, _tokens(), start_percent=0.3, end_percent=0.6)
-    sample(p, "sd15", steps=5)
-    c = I.stream_calls_of(p).calls
+    a = random_adapter(m, "sd15")
+    p = I.apply_infinite_id(m, a, identity_tokens(), start_percent=0.3, end_percent=0.6)
+    with Trace() as trace:
+        sample(p, "sd15", steps=5)
+    c = stream_calls(trace)
     assert c["coupled"] > 0 and c["text"] > 0 and c["identity"] > 0 and c["identity_skipped"] > 0
     assert c["coupled"] + c["text"] == 5 and c["identity"] + c["identity_skipped"] == c["text"]
 
@@ -127,14 +143,14 @@ def test_window_runs_streams_coupled_only_inside_and_drops_the_identity_stream_a
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_identity_stream_ignores_the_prompt_and_depends_on_the_identity(family):
     m = tm.tiny_model(family, 0)
-    a = _adapter(m, family)
-    p = I.apply_infinite_id(m, a, _tokens(), output=BOTH)
+    a = random_adapter(m, family)
+    p = I.apply_infinite_id(m, a, identity_tokens(), output=BOTH)
     one = sample(p, family, pos=1, neg=2, batch=2, steps=2)
     other = sample(p, family, pos=5, neg=6, batch=2, steps=2)
     assert one.shape[0] == 4                              # 2 text rows, then 2 identity rows
     assert torch.equal(one[2:], other[2:])                # the prompt does not reach the identity stream
     assert not torch.allclose(one[:2], other[:2])         # ... but does reach the text stream
-    another_id = sample(I.apply_infinite_id(m, a, _tokens(seed=9), output=BOTH), family, batch=2, steps=2)
+    another_id = sample(I.apply_infinite_id(m, a, identity_tokens(seed=9), output=BOTH), family, batch=2, steps=2)
     assert not torch.allclose(another_id[2:], one[2:])   # the identity does reach it
 
 
@@ -147,7 +163,7 @@ class _Probe(P.Injector):
         self.seen = []
 
     def attn1(self, ctx, out, **kw):
-        self.seen.append((ctx.kind, ctx.key, P.stream_layout(ctx.transformer_options), ctx.base.clone(), out.clone(),
+        self.seen.append((ctx.kind, ctx.key, rows.stream_layout(ctx.transformer_options), ctx.base.clone(), out.clone(),
                           tuple(ctx.cond_or_uncond), ctx.q.clone()))
         return out
 
@@ -156,11 +172,11 @@ class _Probe(P.Injector):
 
 def test_text_stream_meets_identity_only_through_mixed_attention_and_merge():
     m = tm.tiny_model("sd15", 0)
-    a = _adapter(m, "sd15")
+    a = random_adapter(m, "sd15")
     keys = P.unet_block_keys(m.model.diffusion_model)
     mixed = {k for k in keys if k[0] == "output"}
     w_id = 0.8
-    inj_model = I.apply_infinite_id(m, a, _tokens(), identity_weight=w_id, merge_weight=0.0, blocks="output")
+    inj_model = I.apply_infinite_id(m, a, identity_tokens(), identity_weight=w_id, merge_weight=0.0, blocks="output")
     probe = _Probe()
     sample(P.apply_injector(inj_model, probe), "sd15", steps=2)
     inj = I.injector_of(inj_model)
@@ -197,9 +213,9 @@ def test_merge_is_the_adapters_image_attention_with_the_merge_weight():
     """Mixed attention off, merge w: the text stream is the identity adapter applied with weight w."""
     from idportrait.guidance import ip_adapter as IP
     m = tm.tiny_model("sd15", 0)
-    a = _adapter(m, "sd15")
-    merged = sample(I.apply_infinite_id(m, a, _tokens(), mix_weight=0.0, merge_weight=0.6), "sd15")
-    adapter = sample(P.apply_injector(m, IP.IdentityInjector(a, _tokens(), "unet", weight=0.6, apply_to="cond")), "sd15")
+    a = random_adapter(m, "sd15")
+    merged = sample(I.apply_infinite_id(m, a, identity_tokens(), mix_weight=0.0, merge_weight=0.6), "sd15")
+    adapter = sample(P.apply_injector(m, IP.IdentityInjector(a, identity_tokens(), "unet", weight=0.6, apply_to="cond")), "sd15")
     torch.testing.assert_close(merged, adapter, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(merged, sample(m, "sd15"))
 
@@ -207,11 +223,11 @@ def test_merge_is_the_adapters_image_attention_with_the_merge_weight():
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_mixed_attention_keys_values_length_and_adain_means(family):
     m = tm.tiny_model(family, 0)
-    a = _adapter(m, family)
-    seen = []
-    p = I.apply_infinite_id(m, a, _tokens(), adain="mixed attention", merge_weight=0.0)
-    I.injector_of(p).probe = lambda kind, key, info: seen.append((kind, key, info))
-    sample(p, family, steps=1, size=16)
+    a = random_adapter(m, family)
+    p = I.apply_infinite_id(m, a, identity_tokens(), adain="mixed attention", merge_weight=0.0)
+    with Trace() as trace:
+        sample(p, family, steps=1, size=16)
+    seen = probes(trace)
     assert seen
     for kind, key, info in seen:
         k, v, n_id = info["k"], info["v"], info["n_id"]
@@ -232,10 +248,10 @@ def test_mixed_attention_keys_values_length_and_adain_means(family):
 def test_interpolation_ends_reproduce_each_identity_and_stacking_doubles_tokens():
     m = tm.tiny_model("sd15", 0)
     name = write_weights("sd15")
-    omni = N.load_omni_id_model(os.path.join(harness.BASE_DIR, "models", "omni_id", name))
+    omni = OM.load_omni_id_model(os.path.join(harness.BASE_DIR, "models", "omni_id", name))
     g = torch.Generator().manual_seed(4)
-    id_a = N.Identity(torch.randn(1, 16, 32, generator=g), [1])
-    id_b = N.Identity(torch.randn(1, 16, 32, generator=g), [1])
+    id_a = OM.Identity(torch.randn(1, 16, 32, generator=g), [1])
+    id_b = OM.Identity(torch.randn(1, 16, 32, generator=g), [1])
     opts = dict(identity_weight=1.0, mixed_attention_weight=1.0, merge_weight=1.0, adain_mean="off", blocks="all",
                 start_at=0.0, end_at=1.0, apply_to="cond", identity_stream_cfg=True, output=BOTH)
 
@@ -256,10 +272,9 @@ def test_interpolation_ends_reproduce_each_identity_and_stacking_doubles_tokens(
     def merge_keys(identity, **kw):
         patched = NI.InfiniteIDApply.execute(m, omni, identity, **{**opts, "identity_mixing": "stack",
                                                                    "identity_2_weight": 0.5, **kw}).result[0]
-        seen = []
-        I.injector_of(patched).probe = lambda kind, key, info: seen.append(info["k"].shape) if kind == "attn2" else None
-        sample(patched, "sd15", steps=1)
-        return I.injector_of(patched), seen
+        with Trace() as trace:
+            sample(patched, "sd15", steps=1)
+        return I.injector_of(patched), [info["k"].shape for kind, _, info in probes(trace) if kind == "attn2"]
 
     inj_s, stacked = merge_keys(id_a, identity_2=id_b)
     _, alone = merge_keys(id_a)
@@ -270,14 +285,14 @@ def test_interpolation_ends_reproduce_each_identity_and_stacking_doubles_tokens(
 
 def test_options_are_checked():
     m = tm.tiny_model("sd15", 0)
-    a = _adapter(m, "sd15")
-    p = I.apply_infinite_id(m, a, _tokens())
+    a = random_adapter(m, "sd15")
+    p = I.apply_infinite_id(m, a, identity_tokens())
     with pytest.raises(ValueError, match="already applied"):
-        I.apply_infinite_id(p, a, _tokens())
+        I.apply_infinite_id(p, a, identity_tokens())
     with pytest.raises(ValueError, match="start_percent"):
-        I.apply_infinite_id(m, a, _tokens(), start_percent=0.8, end_percent=0.2)
+        I.apply_infinite_id(m, a, identity_tokens(), start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="unknown block"):
-        I.apply_infinite_id(m, a, _tokens(), blocks="decoder")
+        I.apply_infinite_id(m, a, identity_tokens(), blocks="decoder")
     assert P.LAYER_KEY not in m.model_options.get("transformer_options", {})   # input model untouched
     assert NI.InfiniteIDApply.validate_inputs(start_at=0.7, end_at=0.2) is not True
 
@@ -305,17 +320,17 @@ def _infinite_workflow(family, omni_file, controlnet=False, **opts):
 def test_infinite_id_workflow_runs_end_to_end(family, controlnet):
     name = write_weights(family)
     harness.run_workflow(_infinite_workflow(family, name, controlnet=controlnet))
-    with_id = _latest_latent(f"iid_{family}")
+    with_id = latest_latent(f"iid_{family}")
     harness.run_workflow(_infinite_workflow(family, name, controlnet=controlnet, mixed_attention_weight=0.0,
                                             merge_weight=0.0))
-    without = _latest_latent(f"iid_{family}")
+    without = latest_latent(f"iid_{family}")
     assert with_id.shape == without.shape and with_id.shape[0] == 1
     assert torch.isfinite(with_id).all() and not torch.equal(with_id, without)
     wf = _infinite_workflow(family, name, controlnet=controlnet, output=BOTH, adain_mean="mixed attention + merge",
                             blocks="output" if family != "flux" else "single", identity_2=["13", 0],
                             identity_mixing="stack")
     harness.run_workflow(wf)
-    assert _latest_latent(f"iid_{family}").shape[0] == 2
+    assert latest_latent(f"iid_{family}").shape[0] == 2
 
 
 def test_node_schema_documents_paper_defaults():
@@ -330,17 +345,16 @@ def test_sd_mixed_attention_output_is_softmax_over_identity_and_text_keys_with_l
     """Text rows' self-attention output = softmax(q [k_id'; k_t]ᵀ/√d + [log w; 0]) [v_id'; v_t], written
     into the text rows (the identity rows keep their own attention)."""
     import math
-    from test_patching import Recorder
     m = tm.tiny_model("sd15", 0)
     w = 0.6
     # a strong identity stream, so that its keys differ from the text stream's already at the first step
-    p = I.apply_infinite_id(m, _adapter(m, "sd15", scale=2.0), _tokens(), identity_weight=10.0, mix_weight=w,
+    p = I.apply_infinite_id(m, random_adapter(m, "sd15", scale=2.0), identity_tokens(), identity_weight=10.0, mix_weight=w,
                             adain="off", merge_weight=0.0)
-    seen = []
-    I.injector_of(p).probe = lambda kind, key, info: seen.append((key, info))
     key = P.unet_block_keys(m.model.diffusion_model)[-1]   # a late block: the two streams differ there
     rec = Recorder(key)
-    sample(P.apply_injector(p, rec), "sd15", steps=1, size=16)
+    with Trace() as trace:
+        sample(P.apply_injector(p, rec), "sd15", steps=1, size=16)
+    seen = [(k, info) for _, k, info in probes(trace)]
     info = next(i for k, i in seen if k == key)
     q, k, v, heads, n_id = info["q_t"], info["k"], info["v"], info["heads"], info["n_id"]
     b, lq, inner = q.shape

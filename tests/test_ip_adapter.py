@@ -5,64 +5,50 @@ import torch
 import comfy.utils
 
 import harness  # noqa: F401
+from helpers import Recorder, TOKEN_DIM, identity_tokens, random_adapter, sample
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
+from idportrait.guidance.run_state import Trace
 from idportrait.stand_ins import models as tm
-from test_patching import Recorder, sample
-
-TOKEN_DIM = 32
-
-
-def _adapter(model, family, seed=0, scale=0.3):
-    dm = model.model.diffusion_model
-    if family == "flux":
-        a = IP.FluxIdentityAdapter(TOKEN_DIM, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
-    else:
-        a = IP.SDIdentityAdapter(TOKEN_DIM, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in a.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return a
-
-
-def _tokens(seed=3, n=8):
-    return torch.randn(1, n, TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
-
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_weight_zero_and_outside_window_are_bit_identical(family):
     m = tm.tiny_model(family, 0)
     ref = sample(m, family)
-    a = _adapter(m, family)
-    zero = P.apply_injector(m, IP.IdentityInjector(a, _tokens(), family, weight=0.0))
+    a = random_adapter(m, family)
+    zero = P.apply_injector(m, IP.IdentityInjector(a, identity_tokens(), family, weight=0.0))
     assert torch.equal(sample(zero, family), ref)
     # a window (a single point) that contains no step of the schedule: every step is outside it
-    never = IP.IdentityInjector(a, _tokens(), family, weight=1.0, start_percent=0.37, end_percent=0.37)
-    assert torch.equal(sample(P.apply_injector(m, never), family), ref)
-    assert not never._kv                     # never even computed its keys/values
-    on = P.apply_injector(m, IP.IdentityInjector(a, _tokens(), family, weight=1.0))
+    never = IP.IdentityInjector(a, identity_tokens(), family, weight=1.0, start_percent=0.37, end_percent=0.37)
+    with Trace() as trace:
+        assert torch.equal(sample(P.apply_injector(m, never), family), ref)
+    assert trace.count("identity.kv") == 0   # never even computed its keys/values
+    on = P.apply_injector(m, IP.IdentityInjector(a, identity_tokens(), family, weight=1.0))
     assert not torch.allclose(sample(on, family), ref)
 
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_kv_of_identity_computed_once_per_run(family):
     m = tm.tiny_model(family, 0)
-    inj = IP.IdentityInjector(_adapter(m, family), _tokens(), family)
-    sample(P.apply_injector(m, inj), family, steps=4)
+    inj = IP.IdentityInjector(random_adapter(m, family), identity_tokens(), family)
+    patched = P.apply_injector(m, inj)
     dm = m.model.diffusion_model
     sites = len(dm.double_blocks) + len(dm.single_blocks) if family == "flux" else len(P.unet_block_keys(dm))
-    assert len([k for k in inj._kv if k[0] != "image_proj"]) == sites   # one entry per site, not per step
-    assert len([k for k in inj._kv if k[0] == "image_proj"]) == (0 if family == "flux" else 1)
+    for run in range(2):   # a second run on the same MODEL computes them afresh: nothing is kept between runs
+        with Trace() as trace:
+            sample(patched, family, steps=4)
+        computed = [e["site"] for e in trace.of("identity.kv")]
+        assert sorted(map(str, computed)) == sorted(map(str, set(computed))) and len(computed) == sites   # once per site
+        assert len(trace.runs) == 1 and trace.runs[0].cleared   # the run's state is dropped when sampling ends
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_kv_in_another_dtype_leaves_the_shared_adapter_untouched(family):
     """The loader caches one adapter for every run: keys/values for a bf16 model come from a cast copy."""
     m = tm.tiny_model(family, 0)
-    adapter = _adapter(m, family)
+    adapter = random_adapter(m, family)
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
-    inj = IP.IdentityInjector(adapter, _tokens(), family)
+    inj = IP.IdentityInjector(adapter, identity_tokens(), family)
     dm = m.model.diffusion_model
     key = ("double", 0) if family == "flux" else P.unet_block_keys(dm)[0]
     kv = (lambda like: inj.flux_kv("double_0", like)) if family == "flux" else (lambda like: inj.sd_kv(key, like))
@@ -129,7 +115,7 @@ def test_region_mask_confines_the_change_to_the_region(family):
             return out
 
     rec = Rec2(key)
-    inj = IP.IdentityInjector(_adapter(m, family), _tokens(), family, weight=1.0, mask=mask)
+    inj = IP.IdentityInjector(random_adapter(m, family), identity_tokens(), family, weight=1.0, mask=mask)
     mm = P.apply_injector(P.apply_injector(m, inj), rec)
     sample(mm, family, steps=1, size=size)
     if family == "flux":
@@ -147,7 +133,7 @@ def test_region_mask_confines_the_change_to_the_region(family):
 def test_public_ip_adapter_layout_converts_and_loads():
     m = tm.tiny_model("sd15", 0)
     dm = m.model.diffusion_model
-    ours = _adapter(m, "sd15").state_dict()
+    ours = random_adapter(m, "sd15").state_dict()
     order = IP.ip_adapter_order(P.unet_block_keys(dm))
     public = {f"image_proj.proj.{i}.{p}": ours[f"image_proj.{i}.{p}"] for i in (0, 2, 3) for p in ("weight", "bias")}
     for n, key in enumerate(order):
@@ -182,7 +168,7 @@ def test_matches_diffusers_ip_adapter_processor_on_a_tiny_sd15_unet():
     missing, unexpected = unet.load_state_dict(dsd, strict=False)
     assert not missing and not unexpected
 
-    adapter = _adapter(m, "sd15", scale=1.0)
+    adapter = random_adapter(m, "sd15", scale=1.0)
     asd = adapter.state_dict()
     proj = IPAdapterFullImageProjection(TOKEN_DIM, tm.TEXT_WIDTH)
     proj.load_state_dict({"ff.net.0.proj.weight": asd["image_proj.0.weight"], "ff.net.0.proj.bias": asd["image_proj.0.bias"],
@@ -205,7 +191,7 @@ def test_matches_diffusers_ip_adapter_processor_on_a_tiny_sd15_unet():
 
     g = torch.Generator().manual_seed(9)
     x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, tm.TEXT_WIDTH, generator=g), torch.tensor([500.0, 500.0])
-    tokens = _tokens(n=n_tok)
+    tokens = identity_tokens(n=n_tok)
     with torch.no_grad():
         ip_tokens = proj(tokens).repeat(2, 1, 1)
         want = unet(x, t, encoder_hidden_states=(ctx, [ip_tokens])).sample
@@ -233,8 +219,8 @@ def test_flux_block_adds_w_times_attention_of_image_queries_to_identity_tokens(k
     dm = m.model.diffusion_model
     key = (kind, 0)
     block = (dm.double_blocks if kind == "double" else dm.single_blocks)[0]
-    ad = _adapter(m, "flux", scale=0.5)
-    tokens, w = _tokens(), 0.7
+    ad = random_adapter(m, "flux", scale=0.5)
+    tokens, w = identity_tokens(), 0.7
 
     class Capture(P.Injector):
         kinds = ("double", "single")

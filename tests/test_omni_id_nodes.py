@@ -7,105 +7,35 @@ import torch
 import folder_paths
 
 import harness
+from helpers import CFG, MODELS, latest_latent, rand_, workflow, write_weights
 from idportrait.guidance import ip_adapter as IP
+from idportrait.guidance import omni_id as OM
 from idportrait.nodes import omni_id as N
 from idportrait.stand_ins import models as tm
 from idportrait.omni_encoder import weights as W
 from idportrait.omni_encoder.encoder import OmniIDConfig, OmniIDEncoder
 
-MODELS = os.path.join(harness.BASE_DIR, "models", "omni_id")
-os.makedirs(MODELS, exist_ok=True)
-folder_paths.add_model_folder_path("omni_id", MODELS)
-CFG = OmniIDConfig(token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
-
-
-def _rand_(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
-def write_weights(family, name=None, seed=0):
-    """An Omni-ID weight file in the real format for a tiny model of ``family``."""
-    model = tm.tiny_model(family, 0)
-    dm = model.model.diffusion_model
-    enc = OmniIDEncoder(CFG)
-    if family == "flux":
-        ad = _rand_(IP.FluxIdentityAdapter(CFG.token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks)), seed)
-        proj = ad.state_dict_flat()
-    else:
-        ad = _rand_(IP.SDIdentityAdapter(CFG.token_dim, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), seed)
-        proj = ad.state_dict()
-    name = name or f"tiny_{family}.safetensors"
-    W.save_identity_weights(os.path.join(MODELS, name), enc.state_dict(), proj,
-                            W.IdentityWeightsMeta(config=CFG, base_family=family, injected_blocks="all"))
-    return name
-
-
-def workflow(family, omni_file, weight=1.0, controlnet=False, mask=False):
-    empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
-    wf = {
-        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a woman"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-        "4": {"class_type": empty, "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        "10": {"class_type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file}},
-        "11": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
-        "12": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 112, "batch_size": 3, "color": 0x996655}},
-        "13": {"class_type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ["10", 0], "clip_vision": ["11", 0],
-                                                            "faces": ["12", 0], "crop": "center"}},
-        "14": {"class_type": "IDP_OmniIDApply", "inputs": {"model": ["1", 0], "omni_id_model": ["10", 0],
-                                                           "identity": ["13", 0], "weight": weight, "start_at": 0.0,
-                                                           "end_at": 1.0, "apply_to": "cond"}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["14", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 4.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"omni/{family}"}},
-    }
-    if mask:
-        wf["15"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}}
-        wf["14"]["inputs"]["attn_mask"] = ["15", 0]
-    if controlnet:
-        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "weights_seed": 0}}
-        wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0xFFFFFF}}
-        wf["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
-                                                                         "control_net": ["20", 0], "image": ["21", 0],
-                                                                         "strength": 0.8, "start_percent": 0.0,
-                                                                         "end_percent": 1.0}}
-        wf["5"]["inputs"]["positive"], wf["5"]["inputs"]["negative"] = ["22", 0], ["22", 1]
-    return wf
-
-
-def _latest_latent(prefix):
-    import safetensors.torch
-    d = harness.output_file("omni")
-    f = sorted(x for x in os.listdir(d) if x.startswith(prefix))[-1]
-    return safetensors.torch.load_file(os.path.join(d, f))["latent_tensor"]
-
-
 @pytest.mark.parametrize("family,controlnet", [("sd15", True), ("sdxl", False), ("flux", False)])
 def test_omni_id_workflow_runs_end_to_end(family, controlnet):
     name = write_weights(family)
     harness.run_workflow(workflow(family, name, controlnet=controlnet, mask=family == "sdxl"))
-    with_id = _latest_latent(family)
+    with_id = latest_latent(family)
     harness.run_workflow(workflow(family, name, weight=0.0, controlnet=controlnet))
-    without = _latest_latent(family)
+    without = latest_latent(family)
     assert with_id.shape == without.shape and not torch.equal(with_id, without)
 
 
 def test_encode_node_output_size_and_order_invariance():
-    m = N.load_omni_id_model(os.path.join(MODELS, write_weights("sd15")))
+    m = OM.load_omni_id_model(os.path.join(MODELS, write_weights("sd15")))
     cv = tm.tiny_clip_vision(0)
     g = torch.Generator().manual_seed(0)
     faces = torch.rand(3, 64, 64, 3, generator=g)
-    ident = N.encode_faces(m, cv, faces, crop=True)
+    ident = OM.encode_faces(m, cv, faces, crop=True)
     assert ident.tokens.shape == (1, CFG.num_queries, CFG.token_dim) and ident.num_source_images == [3]
-    shuffled = N.encode_faces(m, cv, faces[[2, 0, 1]], crop=True)
+    shuffled = OM.encode_faces(m, cv, faces[[2, 0, 1]], crop=True)
     torch.testing.assert_close(ident.tokens, shuffled.tokens, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="empty"):
-        N.encode_faces(m, cv, faces[:0], crop=True)
+        OM.encode_faces(m, cv, faces[:0], crop=True)
 
 
 def test_wrong_family_missing_keys_and_empty_batch_fail_clearly():
@@ -131,8 +61,8 @@ def test_wrong_family_missing_keys_and_empty_batch_fail_clearly():
 
 
 def test_mix_save_load_round_trip():
-    a = N.Identity(torch.randn(1, 16, 32), [2])
-    b = N.Identity(torch.randn(1, 16, 32), [3])
+    a = OM.Identity(torch.randn(1, 16, 32), [2])
+    b = OM.Identity(torch.randn(1, 16, 32), [3])
     assert torch.equal(N.IdentityMix.execute(a, b, "interpolate", 0.0).result[0].tokens, a.tokens)
     assert torch.equal(N.IdentityMix.execute(a, b, "interpolate", 1.0).result[0].tokens, b.tokens)
     stacked = N.IdentityMix.execute(a, b, "stack", 0.5).result[0]
@@ -151,7 +81,7 @@ def test_public_ip_adapter_file_loads_as_clip_baseline_and_applies():
     import safetensors.torch
     model = tm.tiny_model("sd15", 0)
     dm = model.model.diffusion_model
-    ad = _rand_(IP.SDIdentityAdapter(tm.TEXT_WIDTH, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), 5)
+    ad = rand_(IP.SDIdentityAdapter(tm.TEXT_WIDTH, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), 5)
     ours = ad.state_dict()
     order = IP.ip_adapter_order(list(IP.SDIdentityAdapter.inner_dims_of(dm)))
     public = {f"image_proj.proj.{i}.{p}": ours[f"image_proj.{i}.{p}"] for i in (0, 2, 3) for p in ("weight", "bias")}
@@ -163,7 +93,7 @@ def test_public_ip_adapter_file_loads_as_clip_baseline_and_applies():
     folder_paths.add_model_folder_path("ipadapter", d)
     safetensors.torch.save_file(public, os.path.join(d, "ip-adapter-full-face_tiny.safetensors"))
     m = N.IPAdapterFullFaceLoader.execute("ip-adapter-full-face_tiny.safetensors").result[0]
-    ident = N.encode_faces(m, tm.tiny_clip_vision(0), torch.rand(2, 64, 64, 3), crop=True)
+    ident = OM.encode_faces(m, tm.tiny_clip_vision(0), torch.rand(2, 64, 64, 3), crop=True)
     assert ident.tokens.shape == (1, 2 * 257, tm.TEXT_WIDTH)   # CLIP baseline: all 257 tokens per image
     patched = N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond").result[0]
     assert patched is not model
@@ -176,7 +106,7 @@ def test_arcface_baseline_encode_node():
     cfg = OmniIDConfig(encoder_type="arcface", token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
     from idportrait.omni_encoder.baselines import build_encoder
     enc = build_encoder(cfg)
-    m = N.OmniIDModel(enc, None, "sd15", W.IdentityWeightsMeta(config=cfg, base_family="sd15", injected_blocks="all"))
+    m = OM.OmniIDModel(enc, None, "sd15", W.IdentityWeightsMeta(config=cfg, base_family="sd15", injected_blocks="all"))
     emb = torch.nn.functional.normalize(torch.randn(3, 512), dim=-1)
     ident = N.OmniIDEncodeArcFace.execute(m, FaceEmbedding(emb, [0, 1, 2])).result[0]
     assert ident.tokens.shape == (1, 16, 32) and ident.num_source_images == [3]
@@ -184,6 +114,6 @@ def test_arcface_baseline_encode_node():
     torch.testing.assert_close(ident.tokens, again.tokens)      # order of the faces does not matter
     with pytest.raises(ValueError, match="no ArcFace embedding"):
         N.OmniIDEncodeArcFace.execute(m, FaceEmbedding(emb[:0], []))
-    omni = N.load_omni_id_model(os.path.join(MODELS, write_weights("sd15")))
+    omni = OM.load_omni_id_model(os.path.join(MODELS, write_weights("sd15")))
     with pytest.raises(ValueError, match="Omni-ID Encode Faces"):
         N.OmniIDEncodeArcFace.execute(omni, FaceEmbedding(emb, [0, 1, 2]))

@@ -7,30 +7,11 @@ import torch
 import nodes
 
 import harness  # noqa: F401
+from helpers import PassThrough, Recorder, sample
 from idportrait.guidance import patching as P
 from idportrait.stand_ins import models as tm
 
 FAMILIES = tm.FAMILIES
-
-
-def sample(model, family, steps=4, cfg=4.0, seed=11, size=16):
-    lat = torch.zeros(1, tm.latent_channels(family), size, size)
-    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", tm.tiny_conditioning(family, 1),
-                                 tm.tiny_conditioning(family, 2), {"samples": lat})[0]["samples"]
-
-
-class PassThrough(P.Injector):
-    kinds = ("attn1", "attn2", "double", "single")
-
-    def attn1(self, ctx, out, **kw):
-        return out
-
-    attn2 = attn1
-
-    def double_block(self, ctx, args, call, **kw):
-        return call(args)
-
-    single_block = double_block
 
 
 class Counter(PassThrough):
@@ -73,23 +54,6 @@ class Affine(P.Injector):
         return {**res, "img": self.a * res["img"] + self.b}
 
     single_block = double_block
-
-
-class Recorder(PassThrough):
-    def __init__(self, key, **kw):
-        super().__init__(**kw)
-        self.key, self.seen = key, []
-
-    def attn1(self, ctx, out, **kw):
-        if ctx.key == self.key:
-            self.seen.append((ctx.base.clone(), out.clone()))
-        return out
-
-    def double_block(self, ctx, args, call, **kw):
-        res = call(args)
-        if ctx.key == self.key:
-            self.seen.append(res["img"].clone())   # later blocks may update their input in place
-        return res
 
 
 def _expected_keys(model, family):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import comfy.model_sampling as cms
-from idportrait.guidance import rb_energy as rb
+from idportrait.guidance.rb_guidance import energy as rb
 
 DT = torch.float64
 

@@ -14,18 +14,17 @@ import comfy.supported_models as sm
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
 import harness  # noqa: F401
+from helpers import identity_tokens, random_adapter
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
-from idportrait.guidance import rb_energy as rb
+from idportrait.guidance.rb_guidance import energy as rb
 from idportrait.guidance import rb_guidance as RG
 from idportrait.guidance.differentiable import comfy_training_mode
 from idportrait.stand_ins import models as tm
-from test_ip_adapter import _adapter, _tokens
 
 SIZE = 16            # latent side; images are 8x
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 IMG = SIZE * 8
 
 
@@ -199,7 +198,7 @@ def test_truncated_forward_stops_at_the_feature_point_with_the_full_forwards_fea
     t = torch.tensor([0.5 if family == "flux" else 300.0])
     ctx = tm.tiny_conditioning(family, 1)[0][0]
     dm = model.model.diffusion_model
-    full, cap = {}, RG._Capture(fp, 1)
+    full, cap = {}, RG.capture._Capture(fp, 1)
     with torch.no_grad():
         if fp.is_flux:
             class Keep(P.Injector):
@@ -231,7 +230,7 @@ def test_truncated_forward_stops_at_the_feature_point_with_the_full_forwards_fea
             dm(x, t, context=ctx, transformer_options={"patches": {"output_block_patch": [keep]}}, **kw)
             with pytest.raises(RG._FeatureReady):
                 dm(x, t, context=ctx, transformer_options={
-                    "patches": {"output_block_patch": [RG._StopAtOutputBlock(fp.output_index)]}, RG.CAPTURE_KEY: cap}, **kw)
+                    "patches": {"output_block_patch": [RG.capture._StopAtOutputBlock(fp.output_index)]}, RG.CAPTURE_KEY: cap}, **kw)
             assert torch.equal(cap.features, full["f"])
 
 
@@ -427,7 +426,7 @@ def test_attention_mask_from_class_token_and_from_identity_adapter():
     # with an Omni-ID/IP-Adapter identity injector on the model, M_gen comes from its attention
     for family in ("sd15", "flux"):
         model, vae = _models(family)
-        with_id = P.apply_injector(model, IP.IdentityInjector(_adapter(model, family), _tokens(), family, weight=1.0))
+        with_id = P.apply_injector(model, IP.IdentityInjector(random_adapter(model, family), identity_tokens(), family, weight=1.0))
         g = _rb(with_id, vae, [_ident()], p=8.5, u=0.6, normalize_mask=True)
         plain_id = _run(comfy.samplers.CFGGuider(with_id), with_id, family)
         out = _run(g, with_id, family)
@@ -474,7 +473,7 @@ def test_two_token_identities_get_eq6_masks_made_disjoint_by_argmax(monkeypatch)
 def test_adapter_attention_share_is_the_joint_softmax_mass():
     """The recorded adapter map equals a direct evaluation: softmax over [text; identity] keys, mass on identity."""
     model, _ = _models("sd15")
-    inj = IP.IdentityInjector(_adapter(model, "sd15"), _tokens(), "sd15", weight=1.0)
+    inj = IP.IdentityInjector(random_adapter(model, "sd15"), identity_tokens(), "sd15", weight=1.0)
     with_id = P.apply_injector(model, inj)
     key = [k for k in P.unet_block_keys(model.model.diffusion_model) if k[0] == "input"][-1]
     g = torch.Generator().manual_seed(0)
@@ -482,8 +481,8 @@ def test_adapter_attention_share_is_the_joint_softmax_mass():
     q, k = torch.randn(1, 64, n * d, generator=g), torch.randn(1, 77, n * d, generator=g)
     to = dict(with_id.model_options["transformer_options"])
     to["activations_shape"] = [1, n * d, 8, 8]
-    rec = RG._AttnRecord((8, 8), [("adapter", 0), ("token", 5)])
-    to[RG.CAPTURE_KEY] = RG._Capture(RG.FeaturePoint("sd15", "mid", 0), 1, None, rec)
+    rec = RG.capture._AttnRecord((8, 8), [("adapter", 0), ("token", 5)])
+    to[RG.CAPTURE_KEY] = RG.capture._Capture(RG.FeaturePoint("sd15", "mid", 0), 1, None, rec)
     ctx = P.CallContext(kind="attn2", key=key, sigma=1.0, cond_or_uncond=[0], transformer_options=to, q=q, k=k,
                         v=k, n_heads=n)
     RG.RBInjector().attn2(ctx, torch.zeros(1, 64, n * d))

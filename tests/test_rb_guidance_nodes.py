@@ -6,15 +6,14 @@ import safetensors.torch
 import torch
 
 import harness
+from helpers import write_weights
 from idportrait.guidance import rb_guidance as RG
 from idportrait.nodes import rb_guidance as NRB
 from idportrait.stand_ins import models as tm
-from test_omni_id_nodes import write_weights
 
 IMG = 128
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _load(prefix):

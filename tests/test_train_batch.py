@@ -13,7 +13,6 @@ from idportrait.omni_encoder.train import synthetic as S
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

@@ -19,7 +19,6 @@ GRID_B = [(y, p, r) for y, p, r in zip((-50, -25, 0, 25, 50, -50, 0, 50), (-25, 
                                        (0, 0, 0, 0, 0, 20, -20, 20))]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _write(folder, frames):

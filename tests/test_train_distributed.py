@@ -20,7 +20,6 @@ CLI = os.path.join(harness.REPO, "omni_encoder", "train", "cli.py")
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 
 def _free_port() -> int:

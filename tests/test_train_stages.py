@@ -12,10 +12,12 @@ import nodes as comfy_nodes
 
 import harness  # noqa: F401
 from idportrait.guidance.patching import apply_injector
+from idportrait.guidance import omni_id as OM
 from idportrait.nodes import omni_id as N
 from idportrait.stand_ins import models as tm
 from idportrait.omni_encoder.train import flow as FL
 from idportrait.omni_encoder.train import synthetic as S
+from idportrait.guidance.differentiable import GradPass
 from idportrait.omni_encoder.train import trunk as TR
 from idportrait.omni_encoder.train.data import collate_identities, load_records
 from idportrait.omni_encoder.train.engine import build_loader, build_stage, train
@@ -23,7 +25,6 @@ from idportrait.omni_encoder.train.export import read_encoder_weights
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def ds2(tmp_path_factory):
@@ -74,19 +75,19 @@ def test_flux_flow_stage_overfits_and_export_loads_and_samples_in_nodes(mtd_run,
     res = train(cfg)
     assert res["probe"][12] < 0.99 * res["probe"][0], res["probe"]
     path = res["exported"]["weights"]
-    m = N.load_omni_id_model(path)
+    m = OM.load_omni_id_model(path)
     assert m.family == "flux" and m.meta.extra["trainer_stage"] == "flow"
     # the node's encode path gives the tokens the trainer computed (same CLIP preprocessing and tokens)
     cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
     faces = _images(ds2, "person_00", [0, 3, 5], S.TINY_TRUNK_SIZE)
-    ident = N.encode_faces(m, cv, faces, crop=True)
+    ident = OM.encode_faces(m, cv, faces, crop=True)
     with torch.no_grad():
-        mine = m.encoder(clip_tokens=TR.CLIPTrunk.from_comfy(cv)(faces.permute(0, 3, 1, 2))[None])
+        mine = m.encoder.model(clip_tokens=TR.CLIPTrunk.from_comfy(cv)(faces.permute(0, 3, 1, 2))[None])
     torch.testing.assert_close(ident.tokens, mine, rtol=1e-5, atol=1e-5)
     # the training injection computes what the node's injection computes
     model = tm.tiny_model("flux", 0)
     node_model = N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond+uncond").result[0]
-    inj = FL.TrainableIdentityInjector(m.adapter, "flux")
+    inj = FL.TrainableIdentityInjector(m.adapter.model, "flux")
     train_model = apply_injector(model, inj)
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7, 0.7])
@@ -99,7 +100,7 @@ def test_flux_flow_stage_overfits_and_export_loads_and_samples_in_nodes(mtd_run,
         to.update(wrappers=comfy.patcher_extension.copy_nested_dicts(patched.wrappers), sigmas=sigma, cond_or_uncond=[0])
         with torch.no_grad():
             inj.set_identity({k: (a.repeat(2, 1, 1), b.repeat(2, 1, 1)) for k, (a, b) in
-                              FL.adapter_kv(m.adapter, "flux", ident.tokens).items()})
+                              FL.adapter_kv(m.adapter.model, "flux", ident.tokens).items()})
             outs.append(patched.model.apply_model(x, sigma, transformer_options=to, **kw))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     # and it samples in ComfyUI, differently with and without the identity
@@ -113,7 +114,7 @@ def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path
                         trunk={"trainable": True})
     res = train(cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in res["losses"].values())
-    m = N.load_omni_id_model(res["exported"]["weights"])
+    m = OM.load_omni_id_model(res["exported"]["weights"])
     assert m.family == "sd15" and m.meta.extra["trunk_trained"] == "1"
     trunk_sd = load_file(res["exported"]["clip_vision"])
     cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
@@ -121,7 +122,7 @@ def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path
     assert set(trunk_sd) == set(init)                                   # ComfyUI CLIP vision layout
     assert any(not torch.equal(trunk_sd[k], init[k].to(trunk_sd[k].dtype)) for k in trunk_sd)   # it was trained
     cv.load_sd(trunk_sd)
-    ident = N.encode_faces(m, cv, _images(ds2, "person_01", [1, 2], 64), crop=True)
+    ident = OM.encode_faces(m, cv, _images(ds2, "person_01", [1, 2], 64), crop=True)
     model = tm.tiny_model("sd15", 0)
     out = _sample(N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond").result[0], "sd15")
     assert torch.isfinite(out).all()
@@ -131,9 +132,9 @@ def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path
     cfg = S.tiny_config("adapter", ds2, str(tmp_path / "clip"), family="sd15", encoder=clip_enc,
                         optim={"max_steps": 2}, data={"num_inputs": [1, 3]})
     res = train(cfg)
-    m = N.load_omni_id_model(res["exported"]["weights"])
+    m = OM.load_omni_id_model(res["exported"]["weights"])
     assert m.encoder_type == "clip" and os.path.basename(res["exported"]["weights"]) == "clip_sd15.safetensors"
-    ident = N.encode_faces(m, TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE), _images(ds2, "person_00", [0, 1], 64), crop=True)
+    ident = OM.encode_faces(m, TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE), _images(ds2, "person_00", [0, 1], 64), crop=True)
     assert ident.tokens.shape == (1, 2 * 17, 64)
     N.OmniIDApply.execute(model, m, ident, 1.0, 0.0, 1.0, "cond")
     # ... and ArcFace (embeddings from a pluggable function; insightface in real runs)
@@ -146,7 +147,7 @@ def test_sd15_flow_with_trainable_trunk_and_adapter_only_baselines(ds2, tmp_path
     cfg = S.tiny_config("adapter", ds2, str(tmp_path / "arc"), family="flux",
                         encoder=dict(S.TINY_ENCODER, encoder_type="arcface"), optim={"max_steps": 2})
     res = train(cfg, arcface_fn=arcface_fn)
-    m = N.load_omni_id_model(res["exported"]["weights"])
+    m = OM.load_omni_id_model(res["exported"]["weights"])
     assert m.encoder_type == "arcface" and m.family == "flux"
     with pytest.raises(ValueError, match="ArcFace"):
         build_stage(cfg, torch.device("cpu"), None)
@@ -211,7 +212,7 @@ def test_bf16_accumulation_ema_checkpointing_and_pivot_smoke(ds2, tmp_path):
     ckpt = res["checkpoints"][-1]
     assert os.path.isfile(os.path.join(ckpt, "custom_checkpoint_2.pkl"))        # state, scheduler, EMA
     assert os.path.isfile(os.path.join(cfg.output_dir, "images", "step_0000001.png"))
-    N.load_omni_id_model(res["exported"]["weights"])
+    OM.load_omni_id_model(res["exported"]["weights"])
     # Pivot ID encoder (OmniPortrait Eq. 5) on the shared loop
     cfg = S.tiny_config("pivot", ds2, str(tmp_path / "pivot"), family="sd15", optim={"max_steps": 2},
                         base={"prompt": "photo of a person."}, trunk={"trainable": True})
@@ -222,8 +223,9 @@ def test_bf16_accumulation_ema_checkpointing_and_pivot_smoke(ds2, tmp_path):
 
 
 def test_inplace_protection_gives_exact_gradients_through_a_comfyui_flux_block():
-    """ComfyUI's FLUX blocks add residuals in place; with protect_inplace autograd works and is exact
-    (checked against central differences in float64), without it backward is refused."""
+    """ComfyUI's FLUX blocks add residuals in place; inside GradPass (the trainer's and RB-Guidance's
+    differentiable pass) autograd works and is exact (checked against central differences in float64),
+    without it backward is refused."""
     dm = tm.tiny_model("flux", 0).model.diffusion_model.double()
     dm.requires_grad_(False)
     blk = dm.single_blocks[0]
@@ -233,7 +235,7 @@ def test_inplace_protection_gives_exact_gradients_through_a_comfyui_flux_block()
         xx = x * 1.0
         if not protect:
             return (blk(xx, vec=vec, pe=None) ** 2).sum()
-        with TR.protect_inplace([xx]):
+        with GradPass(weight_grads=True):
             return (blk(xx, vec=vec, pe=None) ** 2).sum()
 
     x = torch.randn(2, 12, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)

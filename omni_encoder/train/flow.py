@@ -35,10 +35,10 @@ import comfy.model_sampling
 import comfy.patcher_extension
 
 from ...guidance import ip_adapter as ipa
-from ...guidance.differentiable import comfy_training_mode
+from ...guidance.differentiable import GradPass
 from ...guidance.patching import apply_injector, unet_attention_module
 from .data import first_identity, generator, sample_seed
-from .trunk import checkpoint_modules, ensure_trainable_tensors, protect_inplace
+from .trunk import checkpoint_modules, ensure_trainable_tensors
 from ...errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
         self.key_mask: Optional[torch.Tensor] = None
 
     def set_identity(self, kv: dict, key_mask: Optional[torch.Tensor] = None) -> None:
-        self.train_kv, self.key_mask, self._kv = kv, key_mask, {}
+        self.train_kv, self.key_mask = kv, key_mask
 
     def _lookup(self, name: str, like: torch.Tensor):
         if name not in self.train_kv:
@@ -142,20 +142,11 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
         k, v = self.train_kv[name]
         return k.to(like.dtype), v.to(like.dtype)
 
-    def sd_kv(self, key, like):
+    def sd_kv(self, key, like, run=None):
         return self._lookup(ipa.sd_key_name(key), like)
 
-    def flux_kv(self, name, like):
+    def flux_kv(self, name, like, run=None):
         return self._lookup(name, like)
-
-    # ComfyUI's FLUX blocks update img/txt in place: keep autograd's saved copies private (trunk.py).
-    def double_block(self, ctx, args, call, **kwargs):
-        with protect_inplace([args.get("img"), args.get("txt")]):
-            return super().double_block(ctx, args, call, **kwargs)
-
-    def single_block(self, ctx, args, call, **kwargs):
-        with protect_inplace([args.get("img")]):
-            return super().single_block(ctx, args, call, **kwargs)
 
     def attn2(self, ctx, out, **kwargs):
         if self.key_mask is None:
@@ -392,7 +383,8 @@ class DiffusionDecoder:
         to["sigmas"] = sigma
         to["cond_or_uncond"] = [0]
         self.capture.out = None
-        with comfy_training_mode():   # ComfyUI's differentiable kernels (FLUX RoPE on current ComfyUI)
+        # ComfyUI's forward as it runs, differentiable: in-place updates, its kernels without a backward
+        with GradPass(weight_grads=True):
             self.patched.model.apply_model(x_t, sigma, transformer_options=to, **conds)
         out = self.capture.out
         self.capture.out = None

@@ -27,7 +27,7 @@ from torch import nn
 
 import comfy.patcher_extension
 
-from ...guidance.differentiable import comfy_training_mode
+from ...guidance.differentiable import GradPass
 from ...guidance.patching import Injector, apply_injector
 from ..pivot_id import PivotIDEncoder, face_localization_loss, find_token_indices
 from .flow import STREAM_NOISE, STREAM_T, _Capture, load_base, stream
@@ -139,7 +139,7 @@ class PivotStage(nn.Module):
         to["cond_or_uncond"] = [0]
         self.probe.maps, self.probe.token_index = [], idx
         try:
-            with comfy_training_mode():
+            with GradPass(weight_grads=True):
                 model.apply_model(x_t, sigma, transformer_options=to, **conds)
             eps = self.capture.out.float()
             maps = list(self.probe.maps)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...guidance.differentiable import comfy_training_mode
+from ...guidance.differentiable import GradPass
 from ...stand_ins.models import tiny_clip_vision   # the trainer's "tiny" trunk (kept a module name: benches swap it)
 from ...errors import TrainingError
 
@@ -73,22 +73,6 @@ def count_inference_tensors(module: nn.Module) -> int:
     return sum(int(t.is_inference()) for t in list(module.parameters()) + list(module.buffers()))
 
 
-def protect_inplace(tensors):
-    """Context: autograd keeps private copies of saved tensors that share storage with ``tensors``.
-
-    ComfyUI's FLUX blocks (and CLIP layers) add residuals in place (``img += ...``) after a layer norm
-    saved the same tensor for backward, which autograd rejects ("modified by an inplace operation").
-    Inside this context every saved tensor aliasing one of ``tensors`` is cloned when saved, so the
-    in-place update no longer touches what backward reads; other saved tensors are kept as they are.
-    """
-    ptrs = {t.untyped_storage().data_ptr() for t in tensors if torch.is_tensor(t)}
-
-    def pack(t):
-        return t.clone() if t.untyped_storage().data_ptr() in ptrs else t
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-
 def checkpoint_modules(modules: Iterable[nn.Module], inplace: bool = False) -> int:
     """Gradient checkpointing: each module's forward recomputes its activations during backward.
 
@@ -96,8 +80,8 @@ def checkpoint_modules(modules: Iterable[nn.Module], inplace: bool = False) -> i
     ``inplace=False``: non-reentrant checkpointing (keyword arguments, tensors captured from outside
     the module, frozen modules all work). ``inplace=True``, for modules that modify their inputs in
     place (ComfyUI's FLUX blocks): reentrant checkpointing of a function that clones its tensor inputs
-    and protects aliased saved tensors (``protect_inplace``) when it is recomputed; such a module must
-    not use tensors that need gradients other than its inputs (true for a frozen FLUX block).
+    and runs inside ``GradPass`` (in-place writes snapshot what autograd saved) when it is recomputed; such a
+    module must not use tensors that need gradients other than its inputs (true for a frozen FLUX block).
     """
     n = 0
     for m in modules:
@@ -114,12 +98,12 @@ def checkpoint_modules(modules: Iterable[nn.Module], inplace: bool = False) -> i
 def _run_checkpointed(orig, *args, **kwargs):
     if not torch.is_grad_enabled():
         return orig(*args, **kwargs)
-    return checkpoint(_in_training_mode, orig, *args, use_reentrant=False, **kwargs)
+    return checkpoint(_differentiable, orig, *args, use_reentrant=False, **kwargs)
 
 
-def _in_training_mode(orig, *args, **kwargs):
-    # the recomputation runs during backward, outside the forward's comfy_training_mode block
-    with comfy_training_mode():
+def _differentiable(orig, *args, **kwargs):
+    # the recomputation runs during backward, outside the forward's GradPass
+    with GradPass(weight_grads=True):
         return orig(*args, **kwargs)
 
 
@@ -139,7 +123,7 @@ def _run_inplace(orig, *args, **kwargs):
                 a[i] = t
             else:
                 k[i] = t
-        with protect_inplace(ts), comfy_training_mode():
+        with GradPass(weight_grads=True):
             return orig(*a, **k)
 
     import warnings

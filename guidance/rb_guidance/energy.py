@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from ..errors import RBGuidanceError
+from ...errors import RBGuidanceError
 
 log = logging.getLogger(__name__)
 

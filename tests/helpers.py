@@ -1,0 +1,153 @@
+"""Helpers shared by the test modules (import from here, never from another test file).
+
+Everything runs on the tiny stand-in models in the embedded ComfyUI (harness.py)."""
+import os
+
+import torch
+
+import folder_paths
+import nodes
+
+import harness
+from idportrait.guidance import ip_adapter as IP
+from idportrait.guidance import patching as P
+from idportrait.omni_encoder import weights as W
+from idportrait.omni_encoder.encoder import OmniIDConfig, OmniIDEncoder
+from idportrait.stand_ins import models as tm
+
+EXAMPLES = sorted(os.path.join(harness.REPO, "example_workflows", f)
+                  for f in os.listdir(os.path.join(harness.REPO, "example_workflows")) if f.endswith(".json"))
+
+
+# --- sampling and injectors that see what the patching layer gives them ----------------------------------
+
+def sample(model, family, steps=4, cfg=4.0, seed=11, size=16):
+    lat = torch.zeros(1, tm.latent_channels(family), size, size)
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", tm.tiny_conditioning(family, 1),
+                                 tm.tiny_conditioning(family, 2), {"samples": lat})[0]["samples"]
+
+
+class PassThrough(P.Injector):
+    kinds = ("attn1", "attn2", "double", "single")
+
+    def attn1(self, ctx, out, **kw):
+        return out
+
+    attn2 = attn1
+
+    def double_block(self, ctx, args, call, **kw):
+        return call(args)
+
+    single_block = double_block
+
+
+class Recorder(PassThrough):
+    def __init__(self, key, **kw):
+        super().__init__(**kw)
+        self.key, self.seen = key, []
+
+    def attn1(self, ctx, out, **kw):
+        if ctx.key == self.key:
+            self.seen.append((ctx.base.clone(), out.clone()))
+        return out
+
+    def double_block(self, ctx, args, call, **kw):
+        res = call(args)
+        if ctx.key == self.key:
+            self.seen.append(res["img"].clone())   # later blocks may update their input in place
+        return res
+
+
+
+# --- identity adapters and Omni-ID weight files ------------------------------------------------------------
+
+TOKEN_DIM = 32
+
+
+def random_adapter(model, family, seed=0, scale=0.3):
+    dm = model.model.diffusion_model
+    if family == "flux":
+        a = IP.FluxIdentityAdapter(TOKEN_DIM, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
+    else:
+        a = IP.SDIdentityAdapter(TOKEN_DIM, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return a
+
+
+def identity_tokens(seed=3, n=8):
+    return torch.randn(1, n, TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = os.path.join(harness.BASE_DIR, "models", "omni_id")
+os.makedirs(MODELS, exist_ok=True)
+folder_paths.add_model_folder_path("omni_id", MODELS)
+CFG = OmniIDConfig(token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
+
+
+def rand_(module, seed, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def write_weights(family, name=None, seed=0):
+    """An Omni-ID weight file in the real format for a tiny model of ``family``."""
+    model = tm.tiny_model(family, 0)
+    dm = model.model.diffusion_model
+    enc = OmniIDEncoder(CFG)
+    if family == "flux":
+        ad = rand_(IP.FluxIdentityAdapter(CFG.token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks)), seed)
+        proj = ad.state_dict_flat()
+    else:
+        ad = rand_(IP.SDIdentityAdapter(CFG.token_dim, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), seed)
+        proj = ad.state_dict()
+    name = name or f"tiny_{family}.safetensors"
+    W.save_identity_weights(os.path.join(MODELS, name), enc.state_dict(), proj,
+                            W.IdentityWeightsMeta(config=CFG, base_family=family, injected_blocks="all"))
+    return name
+
+
+def workflow(family, omni_file, weight=1.0, controlnet=False, mask=False):
+    empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
+    wf = {
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a woman"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "4": {"class_type": empty, "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "10": {"class_type": "IDP_OmniIDLoader", "inputs": {"omni_id_file": omni_file}},
+        "11": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
+        "12": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 112, "batch_size": 3, "color": 0x996655}},
+        "13": {"class_type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ["10", 0], "clip_vision": ["11", 0],
+                                                            "faces": ["12", 0], "crop": "center"}},
+        "14": {"class_type": "IDP_OmniIDApply", "inputs": {"model": ["1", 0], "omni_id_model": ["10", 0],
+                                                           "identity": ["13", 0], "weight": weight, "start_at": 0.0,
+                                                           "end_at": 1.0, "apply_to": "cond"}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["14", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 4.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"omni/{family}"}},
+    }
+    if mask:
+        wf["15"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}}
+        wf["14"]["inputs"]["attn_mask"] = ["15", 0]
+    if controlnet:
+        wf["20"] = {"class_type": "IDP_TinyControlNet", "inputs": {"family": family, "weights_seed": 0}}
+        wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0xFFFFFF}}
+        wf["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
+                                                                         "control_net": ["20", 0], "image": ["21", 0],
+                                                                         "strength": 0.8, "start_percent": 0.0,
+                                                                         "end_percent": 1.0}}
+        wf["5"]["inputs"]["positive"], wf["5"]["inputs"]["negative"] = ["22", 0], ["22", 1]
+    return wf
+
+
+def latest_latent(prefix):
+    import safetensors.torch
+    d = harness.output_file("omni")
+    f = sorted(x for x in os.listdir(d) if x.startswith(prefix))[-1]
+    return safetensors.torch.load_file(os.path.join(d, f))["latent_tensor"]
