@@ -7,6 +7,7 @@ import torch
 import folder_paths
 
 import harness
+import stand_in_files as sif
 from idportrait.guidance import ip_adapter as IP
 from idportrait.nodes import omni_id as N
 from idportrait.nodes import tiny_models as tm
@@ -16,31 +17,14 @@ from idportrait.omni_encoder.encoder import OmniIDConfig, OmniIDEncoder
 MODELS = os.path.join(harness.BASE_DIR, "models", "omni_id")
 os.makedirs(MODELS, exist_ok=True)
 folder_paths.add_model_folder_path("omni_id", MODELS)
-CFG = OmniIDConfig(token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
-
-
-def _rand_(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
+CFG = sif.omni_id_config()
+_rand_ = sif.randomize
 
 
 def write_weights(family, name=None, seed=0):
-    """An Omni-ID weight file in the real format for a tiny model of ``family``."""
-    model = tm.tiny_model(family, 0)
-    dm = model.model.diffusion_model
-    enc = OmniIDEncoder(CFG)
-    if family == "flux":
-        ad = _rand_(IP.FluxIdentityAdapter(CFG.token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks)), seed)
-        proj = ad.state_dict_flat()
-    else:
-        ad = _rand_(IP.SDIdentityAdapter(CFG.token_dim, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), seed)
-        proj = ad.state_dict()
+    """An Omni-ID weight file in the real format for a tiny model of ``family`` (scripts/stand_in_files.py)."""
     name = name or f"tiny_{family}.safetensors"
-    W.save_identity_weights(os.path.join(MODELS, name), enc.state_dict(), proj,
-                            W.IdentityWeightsMeta(config=CFG, base_family=family, injected_blocks="all"))
+    sif.write_omni_id_weights(family, os.path.join(MODELS, name), seed)
     return name
 
 
@@ -148,20 +132,11 @@ def test_mix_save_load_round_trip():
 
 def test_public_ip_adapter_file_loads_as_clip_baseline_and_applies():
     """The CLIP baseline loads an IP-Adapter 'full face' style file and injects like the converted weights."""
-    import safetensors.torch
     model = tm.tiny_model("sd15", 0)
-    dm = model.model.diffusion_model
-    ad = _rand_(IP.SDIdentityAdapter(tm.TEXT_WIDTH, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), 5)
-    ours = ad.state_dict()
-    order = IP.ip_adapter_order(list(IP.SDIdentityAdapter.inner_dims_of(dm)))
-    public = {f"image_proj.proj.{i}.{p}": ours[f"image_proj.{i}.{p}"] for i in (0, 2, 3) for p in ("weight", "bias")}
-    for n, key in enumerate(order):
-        for kv in ("to_k_ip", "to_v_ip"):
-            public[f"ip_adapter.{2 * n + 1}.{kv}.weight"] = ours[f"attn2.{IP.sd_key_name(key)}.{kv}.weight"]
     d = os.path.join(harness.BASE_DIR, "models", "ipadapter")
     os.makedirs(d, exist_ok=True)
     folder_paths.add_model_folder_path("ipadapter", d)
-    safetensors.torch.save_file(public, os.path.join(d, "ip-adapter-full-face_tiny.safetensors"))
+    sif.write_ip_adapter_full_face(os.path.join(d, "ip-adapter-full-face_tiny.safetensors"), seed=5)
     m = N.IPAdapterFullFaceLoader.execute("ip-adapter-full-face_tiny.safetensors").result[0]
     ident = N.encode_faces(m, tm.tiny_clip_vision(0), torch.rand(2, 64, 64, 3), crop=True)
     assert ident.tokens.shape == (1, 2 * 257, tm.TEXT_WIDTH)   # CLIP baseline: all 257 tokens per image
