@@ -84,17 +84,25 @@ class WorkflowError(AssertionError):
     pass
 
 
-def run_workflow(prompt: dict, outputs=None):
+def validate_workflow(prompt: dict, prompt_id: str = "validate") -> list:
+    """ComfyUI's own validation of an API-format workflow; returns its output node ids, raises WorkflowError."""
+    ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not ok or node_errors:   # ComfyUI runs the valid outputs of a partly invalid graph: we don't
+        raise WorkflowError(f"validation failed: {err} {node_errors}")
+    return good_outputs
+
+
+def run_workflow(prompt: dict, outputs=None, server=None):
     """Validate and execute an API-format workflow with ComfyUI's own PromptExecutor.
 
     Returns the executor (``history_result["outputs"]``, ``status_messages``, ``caches``).
     Raises WorkflowError with ComfyUI's own message on a validation or execution error.
+    ``server``: a _StubServer (subclass) to receive ComfyUI's events; one with a ``client_id`` also gets the
+    per-node "executing" events.
     """
     prompt_id = str(uuid.uuid4())
-    ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not ok or node_errors:   # ComfyUI runs the valid outputs of a partly invalid graph: we don't
-        raise WorkflowError(f"validation failed: {err} {node_errors}")
-    server = _StubServer()
+    good_outputs = validate_workflow(prompt, prompt_id)
+    server = server if server is not None else _StubServer()
     ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     ex.execute(prompt, prompt_id, {}, outputs if outputs is not None else good_outputs)
     ex.server_events = server.events
