@@ -524,6 +524,16 @@ def timing_summary(runs: list) -> dict:
             "relative_per_step": round(pack_s / plain_s, 3) if pack_s and plain_s else None}
 
 
+def error_text(e: Exception) -> str:
+    """ComfyUI's own message of a failed node (node type, id, exception), else the exception's first line."""
+    errors = getattr(e, "errors", None)
+    if errors:
+        return "; ".join(f"{x.get('node_type')} (node {x.get('node_id')}): {x.get('exception_type', '')}: "
+                         f"{str(x.get('exception_message', '')).strip()}" for x in errors)[:800]
+    text = str(e).strip()
+    return text.splitlines()[0][:800] if text else type(e).__name__
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 METRIC_TARGET_REASON = "needs a ground-truth target photo of the person (the demo has references only)"
@@ -575,7 +585,7 @@ def score_images(ec, folder_paths, done: list, inv: Optional[M.Inventory], stand
         try:
             res = json.loads(ec.node_output(ec.run_workflow(g), "m", 0))
         except Exception as e:   # e.g. the insightface detector finds no face in the reference
-            out[key] = {"detector": desc, "error": str(e).splitlines()[0][:400], "ran": {}, "not_run": {}}
+            out[key] = {"detector": desc, "error": error_text(e), "ran": {}, "not_run": {}}
             continue
         ran = {"face_detection_rate": res["face_detection_rate"]}
         ran.update({k: v for k, v in res["mean"].items() if v is not None})
@@ -602,6 +612,9 @@ def parse_args(argv):
                                                 "(default 2 with stand-ins, 1 with real weights)")
     ap.add_argument("--only", help="comma-separated technique keys (default: all): " +
                     ", ".join(t.key for t in TECHNIQUES))
+    ap.add_argument("--device", choices=["auto", "cpu"],
+                    help="auto: ComfyUI picks a GPU if there is one (default with --models-dir); cpu (default with "
+                         "the stand-ins)")
     ap.add_argument("--out", default="out", help="output folder (default ./out)")
     ap.add_argument("--dry-run", action="store_true", help="find the models, build and validate every graph, run none")
     ap.add_argument("--verbose", action="store_true", help="show ComfyUI's own log on the terminal too")
@@ -646,13 +659,29 @@ def run(a, out: str, console: Console, log_path: str) -> int:
     console.line("Identity Portrait demo: " + ("STAND-IN models (no --models-dir): tiny random networks, the images "
                                                "are noise by design" if stand_in else f"models from {a.models_dir}"))
     t0 = time.time()
-    import embedded_comfy as ec   # boots ComfyUI and loads the pack (its log goes to comfyui.log)
+    device = a.device or ("cpu" if stand_in else "auto")
+    if device == "auto":
+        import torch
+        mps = getattr(torch.backends, "mps", None)
+        if not (torch.cuda.is_available() or (mps is not None and mps.is_available())):
+            device = "cpu"       # a CPU-only torch: ComfyUI would look for CUDA and fail
+    before = os.environ.get("IDP_COMFY_DEVICE")
+    os.environ["IDP_COMFY_DEVICE"] = device      # read once, when ComfyUI boots (not again in the same process)
+    try:
+        import embedded_comfy as ec   # boots ComfyUI and loads the pack (its log goes to comfyui.log)
+    finally:
+        if before is None:
+            os.environ.pop("IDP_COMFY_DEVICE", None)
+        else:
+            os.environ["IDP_COMFY_DEVICE"] = before
+    import comfy.model_management
     import comfy.utils
     import folder_paths
     import torch
     boot_s = time.time() - t0
     version = getattr(__import__("comfyui_version"), "__version__", "?")
-    console.line(f"ComfyUI {version} ready in {boot_s:.1f} s (its log: {shown(log_path)})")
+    torch_device = str(comfy.model_management.get_torch_device())
+    console.line(f"ComfyUI {version} ready in {boot_s:.1f} s on {torch_device} (its log: {shown(log_path)})")
     inv = None
     if not stand_in:
         inv = M.scan(a.models_dir, prefer=a.checkpoint)
@@ -746,7 +775,7 @@ def run(a, out: str, console: Console, log_path: str) -> int:
                            if tm["relative_per_step"] else "per-step timing n/a")
                     console.end(f"{rec['steps']} steps, {tm['seconds']:.1f} s; {rel} -> {rec['image']}")
             except Exception as e:   # one technique failing (memory, a bad file) does not stop the others
-                msg = str(e).strip().splitlines()[0][:600] if str(e).strip() else type(e).__name__
+                msg = error_text(e)
                 log.exception("technique %s failed", key)
                 rec["status"], rec["error"] = "failed", msg
                 failed.append({"key": key, "title": p.tech.title, "error": msg})
@@ -765,7 +794,7 @@ def run(a, out: str, console: Console, log_path: str) -> int:
         if rec["key"] in metrics:
             rec["metrics"] = metrics[rec["key"]]
 
-    report = {"comfyui_version": version, "mode": "stand-in" if stand_in else "real", "stand_in_models": stand_in,
+    report = {"comfyui_version": version, "device": torch_device, "mode": "stand-in" if stand_in else "real", "stand_in_models": stand_in,
               "dry_run": a.dry_run, "boot_seconds": round(boot_s, 2), "repeats": repeats, "prompt": a.prompt,
               "log_file": os.path.relpath(log_path, out), "reference": ref_info, "techniques": records,
               "skipped": skipped, "failed": failed,

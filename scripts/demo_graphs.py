@@ -89,10 +89,10 @@ def upstream(api: dict, link, through: Iterable[str] = ("conditioning", "positiv
         node = api[link[0]]
         if node["class_type"] == "CLIPTextEncode":
             return link[0]
-        nxt = next((node["inputs"][k] for k in through if is_link(node["inputs"].get(k))), None)
-        if nxt is None and node["class_type"] == "ControlNetApplyAdvanced":
-            nxt = node["inputs"]["positive" if link[1] == 0 else "negative"]
-        link = nxt
+        if node["class_type"] == "ControlNetApplyAdvanced":      # outputs (positive, negative)
+            link = node["inputs"]["positive" if link[1] == 0 else "negative"]
+        else:
+            link = next((node["inputs"][k] for k in through if is_link(node["inputs"].get(k))), None)
     return None
 
 
@@ -146,7 +146,7 @@ def set_images(api: dict, names: dict) -> None:
             n["inputs"]["image"] = names[n["inputs"]["image"]]
 
 
-def set_prompt(api: dict, text: str, prefix_for_two: bool = False) -> None:
+def set_prompt(api: dict, text: str) -> None:
     for nid in prompt_nodes(api, "positive"):
         api[nid]["inputs"]["text"] = text
     for n in api.values():

@@ -33,7 +33,8 @@ if COMFY_DIR not in sys.path:
 
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = True
+# The tests and the stand-ins run on the CPU; IDP_COMFY_DEVICE=auto lets ComfyUI pick a GPU (the demo, real weights).
+args.cpu = os.environ.get("IDP_COMFY_DEVICE", "cpu") != "auto"
 args.use_pytorch_cross_attention = True   # same flag is given to the HTTP server: same kernels, same latents
 args.disable_api_nodes = True
 
@@ -81,7 +82,7 @@ class _StubServer:
 
 
 class WorkflowError(AssertionError):
-    pass
+    errors: list = []     # ComfyUI's execution_error messages (dicts: node_id, node_type, exception_message, ...)
 
 
 def validate_workflow(prompt: dict, prompt_id: str = "validate") -> list:
@@ -108,7 +109,9 @@ def run_workflow(prompt: dict, outputs=None, server=None):
     ex.server_events = server.events
     if not ex.success:
         errs = [m for m in ex.status_messages if m[0] == "execution_error"]
-        raise WorkflowError(f"execution failed: {errs}")
+        err = WorkflowError(f"execution failed: {errs}")
+        err.errors = [m[1] for m in errs]
+        raise err
     return ex
 
 

@@ -27,6 +27,7 @@ def node_defs(t):
 # ------------------------------------------------------------------------------------------ stand-in run
 
 STEPS = 3
+PROMPT = "portrait of a person, soft light"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def stand_in_run(tmp_path_factory):
     import contextlib
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
-        rc = demo.main(["--out", out, "--steps", str(STEPS), "--repeats", "1"])
+        rc = demo.main(["--out", out, "--steps", str(STEPS), "--repeats", "1", "--prompt", PROMPT])
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     return {"rc": rc, "out": out, "report": report, "console": console.getvalue()}
@@ -61,10 +62,15 @@ def test_every_technique_ran_its_example_workflow_and_wrote_its_image(stand_in_r
         if tech.derive:
             ui = tech.derive(ui)
         expected = swap_stand_ins(ui_to_api(ui, node_defs), ui)
+        negative = sorted(expected[k]["inputs"]["text"] for k in G.prompt_nodes(expected, "negative"))
         G.set_images(expected, demo.IMAGE_NAMES)
         G.set_steps(expected, STEPS)
+        G.set_prompt(expected, tech.prompt_prefix + PROMPT)
         with open(os.path.join(out, rec["graphs"]["pack"])) as f:
-            assert json.load(f) == expected, tech.key
+            ran = json.load(f)
+        assert ran == expected, tech.key
+        assert [ran[k]["inputs"]["text"] for k in G.prompt_nodes(ran, "positive")] == [tech.prompt_prefix + PROMPT]
+        assert sorted(ran[k]["inputs"]["text"] for k in G.prompt_nodes(ran, "negative")) == negative
         with open(os.path.join(out, rec["graphs"]["plain"])) as f:
             plain = json.load(f)
         assert G.identity_nodes(plain) == [] and not any(n["class_type"] == "IDP_FaceMetrics" for n in plain.values())
@@ -311,3 +317,37 @@ def test_bad_references_name_the_fix(tmp_path):
     assert rc == 2 and "no face found in the reference" in text and "--reference" in text
     rc, text = _run(["--reference", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o3")])
     assert rc == 2 and "does not exist" in text
+
+
+def test_all_in_one_flux_checkpoint_feeds_the_flux_graphs_and_the_prompt_reaches_them(tmp_path):
+    """A FLUX checkpoint with its text encoders and VAE inside (Comfy-Org's layout) replaces the three FLUX loaders."""
+    from idportrait.nodes import tiny_models as tm
+    d = tmp_path / "models"
+    sd = {f"model.diffusion_model.{k}": v for k, v in tm.tiny_model("flux").model.diffusion_model.state_dict().items()}
+    sd.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l_text_model(tm.tiny_clip()).items()})
+    sd["text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight"] = _tiny(8, 8)
+    sd.update({f"vae.{k}": v for k, v in tm.tiny_vae("flux").get_sd().items()})
+    _save(str(d / "checkpoints" / "flux_all.safetensors"), sd)
+    os.makedirs(d / "omni_id")
+    stand_in_files.write_omni_id_weights("flux", str(d / "omni_id" / "f.safetensors"))
+    tiny_clip_vision_h(str(d / "clip_vision" / "h.safetensors"))
+    out = tmp_path / "out"
+    rc, text = _run(["--models-dir", str(d), "--out", str(out), "--dry-run", "--prompt", "a knight in armour"])
+    assert rc == 0, text
+    with open(out / "report.json") as f:
+        rep = json.load(f)
+    planned = {t["key"]: t for t in rep["techniques"]}
+    assert set(planned) == {"flux_reference_attention", "rb_guidance_flux", "omni_id_flux"}
+    for key, t in planned.items():
+        assert t["models"]["flux_checkpoint"] == "checkpoints/flux_all.safetensors"
+        with open(out / t["graphs"]["pack"]) as f:
+            g = json.load(f)
+        types = [n["class_type"] for n in g.values()]
+        assert types.count("CheckpointLoaderSimple") == 1
+        assert not {"UNETLoader", "DualCLIPLoader", "VAELoader"} & set(types)
+        ck = next(k for k, n in g.items() if n["class_type"] == "CheckpointLoaderSimple")
+        slots = {v[1] for n in g.values() for v in n["inputs"].values() if G.is_link(v) and v[0] == ck}
+        assert slots == {0, 1, 2}                                   # MODEL, CLIP and VAE all come from it
+        texts = {nid: n["inputs"]["text"] for nid, n in g.items() if n["class_type"] == "CLIPTextEncode"}
+        assert [texts[k] for k in G.prompt_nodes(g, "positive")] == ["a knight in armour"]
+        assert [texts[k] for k in G.prompt_nodes(g, "negative")] == [""]
