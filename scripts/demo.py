@@ -405,31 +405,16 @@ def models_summary(plan: Plan, stand_in: bool) -> str:
 
 # ------------------------------------------------------------------------------------------ running
 
-class _TimedServer:
-    """What PromptExecutor needs of a server; keeps ComfyUI's events with a timestamp."""
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def __init__(self):
-        self.events = []
-
-    def send_sync(self, event, data, sid=None):
-        self.events.append((time.perf_counter(), event, data))
-
-    def queue_updated(self):
-        pass
-
-    def node_seconds(self, node: str) -> Optional[float]:
-        """Running time of ``node`` from ComfyUI's "progress_state" events (its start and its finish)."""
-        start = None
-        for t, event, data in self.events:
-            state = ((data.get("nodes") or {}).get(node) or {}).get("state") if event == "progress_state" else None
-            if state == "running" and start is None:
-                start = t
-            elif state == "finished" and start is not None:
-                return t - start
-        return None
+def node_seconds(server, node: str) -> Optional[float]:
+    """Running time of ``node`` from ComfyUI's "progress_state" events (its start and its finish)."""
+    start = None
+    for t, (event, data) in zip(server.times, server.events):
+        state = ((data.get("nodes") or {}).get(node) or {}).get("state") if event == "progress_state" else None
+        if state == "running" and start is None:
+            start = t
+        elif state == "finished" and start is not None:
+            return t - start
+    return None
 
 
 def timed_run(ec, api: dict, sampler: str, steps: int, on_step: Callable[[int, int], None]) -> tuple:
@@ -451,7 +436,7 @@ def timed_run(ec, api: dict, sampler: str, steps: int, on_step: Callable[[int, i
             on_step(value, total)
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(hook)
-    server = _TimedServer()
+    server = ec._StubServer()
     try:
         t0 = time.perf_counter()
         ex = ec.run_workflow(api, server=server)
@@ -461,7 +446,7 @@ def timed_run(ec, api: dict, sampler: str, steps: int, on_step: Callable[[int, i
     steady = None
     if len(marks) >= 2 and marks[-1][1] > marks[0][1]:
         steady = (marks[-1][0] - marks[0][0]) / (marks[-1][1] - marks[0][1])
-    return ex, wall, {"sampler_seconds": server.node_seconds(sampler), "steady_seconds_per_step": steady,
+    return ex, wall, {"sampler_seconds": node_seconds(server, sampler), "steady_seconds_per_step": steady,
                       "step_callbacks": len(marks)}
 
 
@@ -482,6 +467,7 @@ def measure(ec, folder_paths, plan: Plan, plain: dict, repeats: int, out: str, c
             g = graphs[which]
             sid, steps = G.sampler_id(g), G.get_steps(g)
             label = f"{which} run {r + 1}/{repeats}"
+            console.step(0, steps, label)      # samplers that report no steps still show which run is on
             ex, wall, tm = timed_run(ec, g, sid, steps, lambda v, t: console.step(v, t, label))
             runs.append({"graph": which, "repeat": r, "order": len(runs), "sampler": g[sid]["class_type"],
                          "steps": steps, "graph_seconds": round(wall, 4),

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level down
@@ -73,9 +74,11 @@ class _StubServer:
 
     def __init__(self):
         self.events = []
+        self.times = []      # time.perf_counter() of each event (the demo times nodes with them)
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+        self.times.append(time.perf_counter())
 
     def queue_updated(self):
         pass
@@ -98,8 +101,7 @@ def run_workflow(prompt: dict, outputs=None, server=None):
 
     Returns the executor (``history_result["outputs"]``, ``status_messages``, ``caches``).
     Raises WorkflowError with ComfyUI's own message on a validation or execution error.
-    ``server``: a _StubServer (subclass) to receive ComfyUI's events; one with a ``client_id`` also gets the
-    per-node "executing" events.
+    ``server``: a _StubServer to receive ComfyUI's events (and their times) instead of a fresh one.
     """
     prompt_id = str(uuid.uuid4())
     good_outputs = validate_workflow(prompt, prompt_id)

@@ -1,6 +1,8 @@
 """The main job (scripts/demo.py, what `bash scripts/run_demo.sh` runs): every technique's example workflow runs on a
 reference photo and writes its image; one captioned tile per technique on the contact sheet; timings measured
 side by side with the plain graph; real-weight files found by their keys; bad input named with its fix."""
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -24,6 +26,14 @@ def node_defs(t):
     return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
 
+def _run(args):
+    """demo.main in this process (ComfyUI is already loaded); returns (exit code, what it printed)."""
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        rc = demo.main(args)
+    return rc, console.getvalue()
+
+
 # ------------------------------------------------------------------------------------------ stand-in run
 
 STEPS = 3
@@ -33,14 +43,10 @@ PROMPT = "portrait of a person, soft light"
 @pytest.fixture(scope="module")
 def stand_in_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo_out"))
-    import io
-    import contextlib
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        rc = demo.main(["--out", out, "--steps", str(STEPS), "--repeats", "1", "--prompt", PROMPT])
+    rc, console = _run(["--out", out, "--steps", str(STEPS), "--repeats", "1", "--prompt", PROMPT])
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    return {"rc": rc, "out": out, "report": report, "console": console.getvalue()}
+    return {"rc": rc, "out": out, "report": report, "console": console}
 
 
 def test_every_technique_ran_its_example_workflow_and_wrote_its_image(stand_in_run):
@@ -227,13 +233,9 @@ def models_dir(tmp_path_factory):
 
 
 def test_models_dir_files_are_found_by_their_keys_and_each_skip_names_its_file(models_dir, tmp_path):
-    import io
-    import contextlib
     out = str(tmp_path / "out")
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        rc = demo.main(["--models-dir", models_dir, "--out", out, "--dry-run"])
-    assert rc == 0, console.getvalue()
+    rc, text = _run(["--models-dir", models_dir, "--out", out, "--dry-run"])
+    assert rc == 0, text
     with open(os.path.join(out, "report.json")) as f:
         rep = json.load(f)
     found = {r: [f["rel"] for f in fs] for r, fs in rep["models_dir"]["found"].items()}
@@ -272,19 +274,9 @@ def test_models_dir_files_are_found_by_their_keys_and_each_skip_names_its_file(m
     assert skipped["omni_id_sdxl"]["sdxl_checkpoint"]["file"] == "sd_xl_base_1.0.safetensors"
     assert skipped["omni_id_sdxl"]["sdxl_checkpoint"]["folder"] == "checkpoints"
     assert skipped["omni_id_flux"]["flux_t5xxl"]["folder"] == "text_encoders"
-    text = console.getvalue()
     assert "skipped: Omni-ID, SDXL — needs an SDXL base checkpoint: sd_xl_base_1.0.safetensors in models/checkpoints" in text
     with open(os.path.join(out, "report.md")) as f:
         assert "`omni_id_sdxl.safetensors` in `models/omni_id`" in f.read()
-
-
-def _run(args):
-    import io
-    import contextlib
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        rc = demo.main(args)
-    return rc, console.getvalue()
 
 
 def test_models_dir_with_nothing_usable_names_the_fix(tmp_path):
