@@ -259,7 +259,7 @@ def read_references(paths: list) -> list:
 FACE_TOOL_OUTPUTS = {"10": "crop", "11": "detections", "12": "mask", "13": "keypoints"}
 
 
-def face_tools_workflow(image: str, prefix: str) -> dict:
+def face_tools_workflow(image: str, prefix: str = "idp_demo") -> dict:
     """The offline face detector, alignment, mask and keypoint image on a photo (no weights needed)."""
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": image}},
@@ -628,15 +628,22 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     console = Console(sys.stdout)
     log_path = os.path.join(out, "comfyui.log")
-    with quiet(log_path, a.verbose, sys.stderr):
+    with quiet(log_path, a.verbose, sys.stderr), contextlib.ExitStack() as cleanup:
         try:
-            return run(a, out, console, log_path)
+            return run(a, out, console, log_path, cleanup)
         except DemoError as e:
             console.line(f"error: {e}")
             return 2
 
 
-def run(a, out: str, console: Console, log_path: str) -> int:
+def _restore_folders(folder_paths, saved: dict) -> None:
+    """ComfyUI's model folders as they were before the run (the demo registers the user's folders in-process)."""
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()
+
+
+def run(a, out: str, console: Console, log_path: str, cleanup: contextlib.ExitStack) -> int:
     t_start = time.time()
     techniques = TECHNIQUES
     if a.only:
@@ -675,6 +682,7 @@ def run(a, out: str, console: Console, log_path: str) -> int:
     import folder_paths
     import torch
     boot_s = time.time() - t0
+    cleanup.callback(_restore_folders, folder_paths, copy.deepcopy(folder_paths.folder_names_and_paths))
     version = getattr(__import__("comfyui_version"), "__version__", "?")
     torch_device = str(comfy.model_management.get_torch_device())
     console.line(f"ComfyUI {version} ready in {boot_s:.1f} s on {torch_device} (its log: {shown(log_path)})")

@@ -90,8 +90,7 @@ def metrics_cell(m: Optional[dict]) -> str:
         return "not run"
     if m.get("error"):
         return f"failed: {m['error']}"
-    ran = ", ".join(f"{k} {_fmt(v)}" for k, v in m["ran"].items())
-    return ran + ("; not run: " + ", ".join(m["not_run"]) if m.get("not_run") else "")
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in m["ran"].items())
 
 
 def write_markdown(report: dict, out_dir: str) -> str:
@@ -123,6 +122,16 @@ def write_markdown(report: dict, out_dir: str) -> str:
           "**Timing.** " + report["timing_method"], ""]
     if report.get("metrics_method"):
         L += ["**Face metrics.** " + report["metrics_method"], ""]
+    reasons: dict = {}
+    ran = [t for t in report["techniques"] if t.get("metrics")]
+    for t in ran:
+        for k, why in t["metrics"].get("not_run", {}).items():
+            reasons.setdefault((k, why), []).append(t["title"])
+    if reasons:
+        L += ["Metrics that did not run, and why:", ""]
+        for (k, why), titles in reasons.items():
+            L.append(f"* `{k}`: {why}" + ("" if len(titles) == len(ran) else f" ({', '.join(titles)})"))
+        L.append("")
     for t in report["techniques"]:
         if t.get("notes"):
             L += [f"* {t['title']}: " + " ".join(t["notes"])]

@@ -2,6 +2,7 @@
 reference photo and writes its image; one captioned tile per technique on the contact sheet; timings measured
 side by side with the plain graph; real-weight files found by their keys; bad input named with its fix."""
 import contextlib
+import copy
 import io
 import json
 import os
@@ -343,3 +344,33 @@ def test_all_in_one_flux_checkpoint_feeds_the_flux_graphs_and_the_prompt_reaches
         texts = {nid: n["inputs"]["text"] for nid, n in g.items() if n["class_type"] == "CLIPTextEncode"}
         assert [texts[k] for k in G.prompt_nodes(g, "positive")] == ["a knight in armour"]
         assert [texts[k] for k in G.prompt_nodes(g, "negative")] == [""]
+
+
+def test_with_an_insightface_pack_the_images_get_arcface_id_similarity(models_dir):
+    """The metrics pass of a real-weights run: the pack found in --models-dir gives id_sim (stand-in ONNX pack whose
+    detector fires on a white square; two crops of the same texture are one 'identity')."""
+    import folder_paths
+    import demo_models as M
+    fixtures = pytest.importorskip("face_fixtures")
+    import embedded_comfy
+    inv = M.scan(models_dir)
+    assert inv.get("insightface").extra["pack"] == "antelopev2"
+    inv.found.pop("clip_vision_h")      # its layout stand-in (widths 8) is for detection only, not loadable
+    face = fixtures.textured_face_image(seed=3)
+    Image.fromarray(face).save(os.path.join(folder_paths.get_input_directory(), demo.IMAGE_NAMES["face.png"]))
+    gen = os.path.join(harness.BASE_DIR, "generated_same.png")
+    Image.fromarray(face).save(gen)
+    blank = os.path.join(harness.BASE_DIR, "generated_blank.png")
+    Image.fromarray(np.zeros((640, 640, 3), np.uint8)).save(blank)
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths)
+    try:   # score_images registers the pack's folder with ComfyUI, as main() does (which restores it after the run)
+        res = demo.score_images(embedded_comfy, folder_paths, [("same", gen), ("blank", blank)], inv, stand_in=False)
+    finally:
+        demo._restore_folders(folder_paths, saved)
+    same, none = res["same"], res["blank"]
+    assert "insightface pack antelopev2" in same["detector"]
+    assert same["ran"]["face_detection_rate"] == 1.0 and same["ran"]["id_sim"] == pytest.approx(1.0, abs=1e-4)
+    assert "id_sim" not in same["not_run"] and "target" in same["not_run"]["pose_error"]
+    assert none["ran"] == {"face_detection_rate": 0.0}
+    assert none["not_run"]["id_sim"] == "no face found in the generated image"
+    assert "CLIP ViT-H/14" in none["not_run"]["clip_i"]
