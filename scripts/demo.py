@@ -86,6 +86,7 @@ class Technique:
     # role -> (what to do to the API graph without that file, what the report says)
     optional: dict = field(default_factory=dict)
     prompt_prefix: str = ""
+    note: str = ""       # said in the report
 
 
 PIVOT_OFF = (_no_pivot, "Omni-ID pivot off (no Omni-ID SD1.5 file or CLIP ViT-H): RB-Guidance on its own.")
@@ -109,7 +110,8 @@ TECHNIQUES = [
     Technique("infinite_id", "Infinite-ID, SDXL", "sdxl_infinite_id.json"),
     Technique("face_metrics", "Face metrics node, SD1.5 image", "face_metrics.json",
               optional={"insightface": (None, "No insightface pack: the offline RetinaFace detector stands in (as in "
-                                              "CI); ArcFace ID similarity is unavailable.")}),
+                                              "CI); ArcFace ID similarity is unavailable.")},
+              note="The metrics node runs after sampling: its cost is in 'seconds', not per step (about 1x plain)."),
 ]
 
 STAND_IN = {   # what each loader becomes in a stand-in run (swap_stand_ins / stand_in_files), for the report
@@ -762,7 +764,8 @@ def run(a, out: str, console: Console, log_path: str, cleanup: contextlib.ExitSt
                 with open(os.path.join(graphs_dir, f"{key}{name}.json"), "w") as f:
                     json.dump(g, f, indent=1)
             rec = {"key": key, "title": p.tech.title, "example": p.tech.example, "stand_in": stand_in,
-                   "models": p.models, "models_summary": models_summary(p, stand_in), "notes": p.notes,
+                   "models": p.models, "models_summary": models_summary(p, stand_in),
+                   "notes": p.notes + ([p.tech.note] if p.tech.note else []),
                    "steps": G.get_steps(p.api), "size": G.latent_size(p.api),
                    "identity_nodes": G.identity_nodes(p.api), "plain_nodes": sorted({n["class_type"] for n in plain.values()}),
                    "graphs": {"pack": f"graphs/{key}.json", "plain": f"graphs/{key}_plain.json"}}
