@@ -9,7 +9,7 @@ import torch
 
 try:
     from ..errors import BackendUnavailable, FaceError, InputError, ModelFilesMissing
-except ImportError:   # run as `python -m face.cli` from the repository root: face/ is a top-level package there
+except ImportError:   # `python -m face.cli` from the repository root: face/ is top-level there
     from errors import BackendUnavailable, FaceError, InputError, ModelFilesMissing
 
 __all__ = ["BackendUnavailable", "FaceError", "InputError", "ModelFilesMissing", "FaceDetection"]

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 try:
     from ..errors import FlashFaceCheckpointError
-except ImportError:   # run as `python -m guidance.flashface_checkpoint` from the repository root: guidance/ is a top-level package there
+except ImportError:   # `python -m guidance.flashface_checkpoint` from the repository root: guidance/ is top-level there
     from errors import FlashFaceCheckpointError
 from . import flashface_keys as fk
 

@@ -36,7 +36,7 @@ from typing import Iterator, NamedTuple
 
 try:
     from ..errors import FlashFaceCheckpointError
-except ImportError:   # run as `python -m guidance.flashface_keys` from the repository root: guidance/ is a top-level package there
+except ImportError:   # `python -m guidance.flashface_keys` from the repository root: guidance/ is top-level there
     from errors import FlashFaceCheckpointError
 
 log = logging.getLogger(__name__)

@@ -274,24 +274,24 @@ class InfiniteIDInjector(Injector):
         return self.mix_sigma_end <= hi and self.mix_sigma_start >= lo
 
     # -- rows of one call
-    def _rows(self, to: dict, batch: int, sigma: float, device):
+    def _rows(self, transformer_options: dict, batch: int, sigma: float, device):
         """(identity rows, identity rows carrying the identity, merge rows, (text, identity) mixing pairs)."""
         empty = torch.zeros(0, dtype=torch.long, device=device)
         coupled = self.in_window(sigma)
-        if stream_layout(to) is None:   # no identity stream in this call: every row is a text row
+        if stream_layout(transformer_options) is None:   # no identity stream in this call: every row is a text row
             if not coupled or self.merge_weight == 0.0:
                 return empty, empty, empty, None
-            rm = row_mask(to, batch, self.mix_apply_to, device)
+            rm = row_mask(transformer_options, batch, self.mix_apply_to, device)
             merge = torch.arange(batch, device=device) if rm is None else rm.nonzero().flatten()
             return empty, empty, merge, None
-        ident = stream_rows(to, batch, IDENT, "both", device)
+        ident = stream_rows(transformer_options, batch, IDENT, "both", device)
         if ident is None:
             return empty, empty, empty, None
-        carry = stream_rows(to, batch, IDENT, "cond" if self.identity_stream_cfg else "both", device)
+        carry = stream_rows(transformer_options, batch, IDENT, "cond" if self.identity_stream_cfg else "both", device)
         merge = empty
         if coupled and self.merge_weight != 0.0:
-            merge = stream_rows(to, batch, TEXT, self.mix_apply_to, device)
-        pairs = stream_pairs(to, batch, TEXT, IDENT, self.mix_apply_to, device) if coupled else None
+            merge = stream_rows(transformer_options, batch, TEXT, self.mix_apply_to, device)
+        pairs = stream_pairs(transformer_options, batch, TEXT, IDENT, self.mix_apply_to, device) if coupled else None
         if pairs is not None and pairs[0].numel() == 0:
             pairs = None
         return ident, carry, merge, pairs
@@ -349,9 +349,9 @@ class InfiniteIDInjector(Injector):
         return self._flux_block(ctx, args, call, args["img"][:, ctx.txt_len:], ctx.txt_len)
 
     def _flux_block(self, ctx: CallContext, args, call, img_tokens, img_start: int):
-        to = ctx.transformer_options
+        transformer_options = ctx.transformer_options
         B, dev = args["img"].shape[0], args["img"].device
-        ident, carry, merge, pairs = self._rows(to, B, ctx.sigma, dev)
+        ident, carry, merge, pairs = self._rows(transformer_options, B, ctx.sigma, dev)
         if pairs is not None and not self.mixes_at(ctx.key):
             pairs = None
         if ident.numel() == 0 and merge.numel() == 0 and pairs is None:
@@ -380,7 +380,7 @@ class InfiniteIDInjector(Injector):
         if ident.numel() or pairs is not None:
             txt_len = ctx.txt_len if ctx.kind == "single" else args["txt"].shape[1]
             fn = _FluxJointAttention(self, ctx.key, txt_len, ident, pairs)
-            call_args = {**args, "transformer_options": chain_attention_override(to, fn)}
+            call_args = {**args, "transformer_options": chain_attention_override(transformer_options, fn)}
         res = call(call_args)
         if ip is None:
             return res
@@ -534,11 +534,11 @@ class _TextFreeIdentityInputs:
 
     def __call__(self, executor, *args, **kwargs):
         args = list(args)
-        to = call_transformer_options(args, kwargs)
+        transformer_options = call_transformer_options(args, kwargs)
         in_kw = "y" in kwargs
         y = kwargs.get("y") if in_kw else (args[3] if len(args) > 3 else None)
-        if torch.is_tensor(y) and stream_layout(to) is not None:
-            rows = stream_rows(to, args[0].shape[0], IDENT, "both", y.device)
+        if torch.is_tensor(y) and stream_layout(transformer_options) is not None:
+            rows = stream_rows(transformer_options, args[0].shape[0], IDENT, "both", y.device)
             width = y.shape[-1] if self.family == "flux" else y.shape[-1] - SDXL_ADM_EXTRA
             if rows is not None and rows.numel() and width > 0 and y.shape[0] == args[0].shape[0]:
                 y = y.clone()

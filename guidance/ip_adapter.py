@@ -57,7 +57,8 @@ def _on(module: torch.nn.Module, like: torch.Tensor) -> torch.nn.Module:
     """``module`` itself when it can run on ``like`` as it is: ComfyUI cast layers cast per call; a plain
     torch module (the trainer's) already on ``like``'s device and dtype. Else a temporary moved copy."""
     p = next(module.parameters(), None)
-    casting = all(getattr(m, "comfy_cast_weights", False) for m in module.modules() if isinstance(m, (nn.Linear, nn.LayerNorm)))
+    casting = all(getattr(m, "comfy_cast_weights", False) for m in module.modules()
+                  if isinstance(m, (nn.Linear, nn.LayerNorm)))
     if p is None or casting or (p.device == like.device and p.dtype == like.dtype):
         return module
     return copy.deepcopy(module).to(device=like.device, dtype=like.dtype)

@@ -140,10 +140,10 @@ def call_transformer_options(args: tuple, kwargs: dict) -> dict:
     Passed by keyword by ComfyUI's model_base; positionally at a position that differs between UNet and FLUX
     otherwise. A call without any gets an empty dict (nothing of ours is active there).
     """
-    to = kwargs.get("transformer_options")
-    if to is None:
-        to = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), None)
-    return {} if to is None else to
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None:
+        transformer_options = next((a for a in args[2:] if isinstance(a, dict) and "sigmas" in a), None)
+    return {} if transformer_options is None else transformer_options
 
 
 def options_transformer_options(model_options: Optional[dict]) -> dict:
@@ -306,11 +306,11 @@ class Injector:
         pass
 
 
-def _sigma_of(to: dict) -> float:
-    cached = to.get(SIGMA_KEY)
-    if cached is not None and cached[0] is to.get("sigmas"):
+def _sigma_of(transformer_options: dict) -> float:
+    cached = transformer_options.get(SIGMA_KEY)
+    if cached is not None and cached[0] is transformer_options.get("sigmas"):
         return cached[1]
-    s = to.get("sigmas")
+    s = transformer_options.get("sigmas")
     return float(s.flatten()[0]) if s is not None else math.inf
 
 
@@ -337,8 +337,8 @@ class PatchLayer:
             out.extend(m for m in inj.models() if not any(m is o for o in out))
         return out
 
-    def active_for(self, kind, key, to) -> tuple[list, float]:
-        sigma = _sigma_of(to)
+    def active_for(self, kind, key, transformer_options) -> tuple[list, float]:
+        sigma = _sigma_of(transformer_options)
         return [inj for inj in self.injectors if inj.wants(kind, key) and inj.active(sigma)], sigma
 
 
@@ -446,20 +446,22 @@ class _DitHook(_Hook):
             inner = lambda a: prev(a, extra)   # noqa: E731  (a pack that patched this block before us)
         else:
             inner = extra["original_block"]
-        to = args.get("transformer_options") or {}
+        transformer_options = args.get("transformer_options") or {}
         if self.kind == "double":
             # the same dict reaches the single blocks of this call: they see cat(txt, img) and need the split
-            to[TXT_LEN_KEY] = args["txt"].shape[1]
-        injectors, sigma = self.layer.active_for(self.kind, self.key, to)
+            transformer_options[TXT_LEN_KEY] = args["txt"].shape[1]
+        injectors, sigma = self.layer.active_for(self.kind, self.key, transformer_options)
         if not injectors:
             return inner(args)
-        cou = to.get("cond_or_uncond") or []
+        cou = transformer_options.get("cond_or_uncond") or []
         batch = args["img"].shape[0]
-        txt_len = args["txt"].shape[1] if self.kind == "double" else single_block_txt_len(to, args["img"].shape[1])
+        txt_len = (args["txt"].shape[1] if self.kind == "double"
+                   else single_block_txt_len(transformer_options, args["img"].shape[1]))
         call = inner
         for inj in injectors:
-            ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou, transformer_options=to,
-                              rows=row_mask(to, batch, inj.apply_to, args["img"].device), txt_len=txt_len,
+            ctx = CallContext(kind=self.kind, key=self.key, sigma=sigma, cond_or_uncond=cou,
+                              transformer_options=transformer_options,
+                              rows=row_mask(transformer_options, batch, inj.apply_to, args["img"].device), txt_len=txt_len,
                               batch=batch)
             call = _bind_dit(inj, self.kind, ctx, call)
         return call(args)
@@ -481,16 +483,17 @@ class _ModelCallWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         x, timestep = args[0], args[1]
-        to = call_transformer_options(args, kwargs)
+        transformer_options = call_transformer_options(args, kwargs)
         # calc_cond_batch builds a fresh transformer_options dict for every model call, so these
         # per-call entries cannot leak into the model's stored options.
-        to[SHAPE_KEY] = tuple(x.shape)
-        to[MODEL_KEY] = executor.class_obj
-        to.pop(TXT_LEN_KEY, None)
-        to[SIGMA_KEY] = (to.get("sigmas"), _sigma_of(to))   # every hook reads it: one GPU→CPU sync, not one per block
-        run_state_of(to)   # outside a sampler run, this call gets a state of its own
+        transformer_options[SHAPE_KEY] = tuple(x.shape)
+        transformer_options[MODEL_KEY] = executor.class_obj
+        transformer_options.pop(TXT_LEN_KEY, None)
+        # every hook reads the sigma: one GPU→CPU sync per call, not one per block
+        transformer_options[SIGMA_KEY] = (transformer_options.get("sigmas"), _sigma_of(transformer_options))
+        run_state_of(transformer_options)   # outside a sampler run, this call gets a state of its own
         for inj in self.layer.injectors:
-            inj.on_model_call(to, x, timestep, call_args=args, call_kwargs=kwargs)
+            inj.on_model_call(transformer_options, x, timestep, call_args=args, call_kwargs=kwargs)
         return executor(*args, **kwargs)
 
 
@@ -510,8 +513,8 @@ class _RunScope:
         guider, sigmas, extra_args = args[:3]
         state = RunState("run")
         mo = extra_args.get("model_options") or {}
-        to = {**options_transformer_options(mo), RUN_KEY: state}
-        extra_args = {**extra_args, "model_options": {**mo, "transformer_options": to}}
+        transformer_options = {**options_transformer_options(mo), RUN_KEY: state}
+        extra_args = {**extra_args, "model_options": {**mo, "transformer_options": transformer_options}}
         try:
             for inj in self.layer.injectors:
                 inj.begin_run(state, guider)
@@ -552,9 +555,9 @@ def apply_injector(model, injector: Injector):
                             f"({type(m.model).__name__})")
     injector.bind(m.get_model_object("model_sampling"))
     layer = current_layer(m).with_injector(injector)
-    to = m.model_options.setdefault("transformer_options", {})
-    to[LAYER_KEY] = layer
-    replace = to.setdefault("patches_replace", {})
+    transformer_options = m.model_options.setdefault("transformer_options", {})
+    transformer_options[LAYER_KEY] = layer
+    replace = transformer_options.setdefault("patches_replace", {})
     dm = m.model.diffusion_model
     primary = True
     if family == "flux":
@@ -572,7 +575,7 @@ def apply_injector(model, injector: Injector):
                 prev = _foreign(slot.get(key, slot.get(key[:2])))
                 slot[key] = _UnetAttnHook(layer, kind, key, prev, primary)
                 primary = False
-        _install_unet_list_patches(to, layer)
+        _install_unet_list_patches(transformer_options, layer)
     _install_sampler_side(m, layer)
     log.debug("applied %s to a %s model (%d injectors now)", injector.name, family, len(layer.injectors))
     return m
@@ -599,13 +602,13 @@ def _install_sampler_side(m, layer: PatchLayer) -> None:
 _WRAPPER_TYPES = tuple(v for k, v in vars(WrappersMP).items() if k.isupper() and isinstance(v, str))
 
 
-def _install_unet_list_patches(to: dict, layer: PatchLayer) -> None:
+def _install_unet_list_patches(transformer_options: dict, layer: PatchLayer) -> None:
     """Input recorders and output hooks, only for the kinds some injector of the layer needs.
 
     Ours are replaced (never duplicated) on every apply; patches other packs put in the same lists
     keep their place, ours come last so they see the final input and output.
     """
-    patches = to.setdefault("patches", {})
+    patches = transformer_options.setdefault("patches", {})
     for kind in SD_KINDS:
         out_kind = f"{kind}_output"
         wants_out = any(out_kind in inj.kinds for inj in layer.injectors)

@@ -52,9 +52,9 @@ def layout_of(transformer_options: Optional[dict]) -> RowLayout:
 
 def with_layout(model_options: dict, chunks: tuple = (), streams: Optional[tuple] = None) -> dict:
     """A copy of ``model_options`` whose transformer options carry the merged row layout (the input is unchanged)."""
-    to = model_options.get("transformer_options", {})
-    layout = layout_of(to).merged(tuple(chunks), streams)
-    return {**model_options, "transformer_options": {**to, LAYOUT_KEY: layout}}
+    transformer_options = model_options.get("transformer_options", {})
+    layout = layout_of(transformer_options).merged(tuple(chunks), streams)
+    return {**model_options, "transformer_options": {**transformer_options, LAYOUT_KEY: layout}}
 
 
 def _check_apply_to(apply_to: str) -> None:

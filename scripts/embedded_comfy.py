@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level down
@@ -33,7 +34,8 @@ if COMFY_DIR not in sys.path:
 
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = True
+# The tests and the stand-ins run on the CPU; IDP_COMFY_DEVICE=auto lets ComfyUI pick a GPU (the demo, real weights).
+args.cpu = os.environ.get("IDP_COMFY_DEVICE", "cpu") != "auto"
 args.use_pytorch_cross_attention = True   # same flag is given to the HTTP server: same kernels, same latents
 args.disable_api_nodes = True
 
@@ -72,35 +74,46 @@ class _StubServer:
 
     def __init__(self):
         self.events = []
+        self.times = []      # time.perf_counter() of each event (the demo times nodes with them)
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+        self.times.append(time.perf_counter())
 
     def queue_updated(self):
         pass
 
 
 class WorkflowError(AssertionError):
-    pass
+    errors: list = []     # ComfyUI's execution_error messages (dicts: node_id, node_type, exception_message, ...)
 
 
-def run_workflow(prompt: dict, outputs=None):
+def validate_workflow(prompt: dict, prompt_id: str = "validate") -> list:
+    """ComfyUI's own validation of an API-format workflow; returns its output node ids, raises WorkflowError."""
+    ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not ok or node_errors:   # ComfyUI runs the valid outputs of a partly invalid graph: we don't
+        raise WorkflowError(f"validation failed: {err} {node_errors}")
+    return good_outputs
+
+
+def run_workflow(prompt: dict, outputs=None, server=None):
     """Validate and execute an API-format workflow with ComfyUI's own PromptExecutor.
 
     Returns the executor (``history_result["outputs"]``, ``status_messages``, ``caches``).
     Raises WorkflowError with ComfyUI's own message on a validation or execution error.
+    ``server``: a _StubServer to receive ComfyUI's events (and their times) instead of a fresh one.
     """
     prompt_id = str(uuid.uuid4())
-    ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not ok or node_errors:   # ComfyUI runs the valid outputs of a partly invalid graph: we don't
-        raise WorkflowError(f"validation failed: {err} {node_errors}")
-    server = _StubServer()
+    good_outputs = validate_workflow(prompt, prompt_id)
+    server = server if server is not None else _StubServer()
     ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     ex.execute(prompt, prompt_id, {}, outputs if outputs is not None else good_outputs)
     ex.server_events = server.events
     if not ex.success:
         errs = [m for m in ex.status_messages if m[0] == "execution_error"]
-        raise WorkflowError(f"execution failed: {errs}")
+        err = WorkflowError(f"execution failed: {errs}")
+        err.errors = [m[1] for m in errs]
+        raise err
     return ex
 
 

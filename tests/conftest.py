@@ -53,7 +53,8 @@ def server():
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
          "--disable-api-nodes", "--disable-auto-launch", "--use-pytorch-cross-attention"],
-        cwd=harness.COMFY_DIR, stdout=log, stderr=subprocess.STDOUT)
+        cwd=harness.COMFY_DIR, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})   # the same one-thread kernels as the in-process runs (one_thread)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -9,10 +9,9 @@ import folder_paths
 import nodes
 
 import harness
+import stand_in_files   # scripts/ (on sys.path through harness): the demo writes the same tiny files
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
-from idportrait.omni_encoder import weights as W
-from idportrait.omni_encoder.encoder import OmniIDConfig, OmniIDEncoder
 from idportrait.stand_ins import models as tm
 
 EXAMPLES = sorted(os.path.join(harness.REPO, "example_workflows", f)
@@ -84,31 +83,14 @@ def identity_tokens(seed=3, n=8):
 MODELS = os.path.join(harness.BASE_DIR, "models", "omni_id")
 os.makedirs(MODELS, exist_ok=True)
 folder_paths.add_model_folder_path("omni_id", MODELS)
-CFG = OmniIDConfig(token_dim=32, clip_dim=tm.TEXT_WIDTH, num_queries=16, heads=2)
-
-
-def rand_(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
+CFG = stand_in_files.omni_id_config()
+rand_ = stand_in_files.randomize
 
 
 def write_weights(family, name=None, seed=0):
-    """An Omni-ID weight file in the real format for a tiny model of ``family``."""
-    model = tm.tiny_model(family, 0)
-    dm = model.model.diffusion_model
-    enc = OmniIDEncoder(CFG)
-    if family == "flux":
-        ad = rand_(IP.FluxIdentityAdapter(CFG.token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks)), seed)
-        proj = ad.state_dict_flat()
-    else:
-        ad = rand_(IP.SDIdentityAdapter(CFG.token_dim, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), seed)
-        proj = ad.state_dict()
+    """An Omni-ID weight file in the real format for a tiny model of ``family`` (scripts/stand_in_files.py)."""
     name = name or f"tiny_{family}.safetensors"
-    W.save_identity_weights(os.path.join(MODELS, name), enc.state_dict(), proj,
-                            W.IdentityWeightsMeta(config=CFG, base_family=family, injected_blocks="all"))
+    stand_in_files.write_omni_id_weights(family, os.path.join(MODELS, name), seed)
     return name
 
 

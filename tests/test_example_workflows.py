@@ -7,14 +7,13 @@ our own formats keep running their real loading code on tiny files written in th
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import nodes
 
 import harness
-from helpers import EXAMPLES, write_weights
+import stand_in_files
+from helpers import EXAMPLES
 from workflow_tools import WorkflowFormatError, swap_stand_ins, ui_to_api
 
 
@@ -23,36 +22,9 @@ def node_defs(t):
     return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
 
-def face_photo() -> np.ndarray:
-    from skimage import data
-    return data.astronaut()          # a real photo shipped inside scikit-image (never committed here)
-
-
 def prepare_files(ui):
     """Write the images and tiny weight files the stand-in run needs, named as the workflow names them."""
-    for n in ui["nodes"]:
-        props = n.get("properties") or {}
-        if "idportrait_stand_in_image" in props:
-            name = props["idportrait_stand_in_image"]
-            img = face_photo()
-            if name != "face.png":   # a second person: a mirrored photo is a different image
-                img = img[:, ::-1]
-            Image.fromarray(np.ascontiguousarray(img)).save(os.path.join(harness.BASE_DIR, "input", name))
-        if "idportrait_stand_in_file" in props:
-            spec = props["idportrait_stand_in_file"]
-            if spec["folder"] == "omni_id":
-                                write_weights(spec["family"], n["widgets_values"][0])
-            elif spec["folder"] == "flashface":
-                import folder_paths
-                import torch
-                from flashface_tiny import tiny_state_dict
-                from idportrait.stand_ins import models as tm
-                d = os.path.join(harness.BASE_DIR, "models", "flashface")
-                os.makedirs(d, exist_ok=True)
-                folder_paths.add_model_folder_path("flashface", d)
-                torch.save(tiny_state_dict(context=tm.TEXT_WIDTH), os.path.join(d, n["widgets_values"][0]))
-            else:
-                raise AssertionError(f"no stand-in writer for folder {spec['folder']!r}")
+    stand_in_files.prepare_files(ui, harness.BASE_DIR)
 
 
 def to_api(path):

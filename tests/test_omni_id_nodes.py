@@ -7,7 +7,8 @@ import torch
 import folder_paths
 
 import harness
-from helpers import CFG, MODELS, latest_latent, rand_, workflow, write_weights
+import stand_in_files
+from helpers import CFG, MODELS, latest_latent, workflow, write_weights
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import omni_id as OM
 from idportrait.nodes import omni_id as N
@@ -78,20 +79,11 @@ def test_mix_save_load_round_trip():
 
 def test_public_ip_adapter_file_loads_as_clip_baseline_and_applies():
     """The CLIP baseline loads an IP-Adapter 'full face' style file and injects like the converted weights."""
-    import safetensors.torch
     model = tm.tiny_model("sd15", 0)
-    dm = model.model.diffusion_model
-    ad = rand_(IP.SDIdentityAdapter(tm.TEXT_WIDTH, tm.TEXT_WIDTH, IP.SDIdentityAdapter.inner_dims_of(dm)), 5)
-    ours = ad.state_dict()
-    order = IP.ip_adapter_order(list(IP.SDIdentityAdapter.inner_dims_of(dm)))
-    public = {f"image_proj.proj.{i}.{p}": ours[f"image_proj.{i}.{p}"] for i in (0, 2, 3) for p in ("weight", "bias")}
-    for n, key in enumerate(order):
-        for kv in ("to_k_ip", "to_v_ip"):
-            public[f"ip_adapter.{2 * n + 1}.{kv}.weight"] = ours[f"attn2.{IP.sd_key_name(key)}.{kv}.weight"]
     d = os.path.join(harness.BASE_DIR, "models", "ipadapter")
     os.makedirs(d, exist_ok=True)
     folder_paths.add_model_folder_path("ipadapter", d)
-    safetensors.torch.save_file(public, os.path.join(d, "ip-adapter-full-face_tiny.safetensors"))
+    stand_in_files.write_ip_adapter_full_face(os.path.join(d, "ip-adapter-full-face_tiny.safetensors"), seed=5)
     m = N.IPAdapterFullFaceLoader.execute("ip-adapter-full-face_tiny.safetensors").result[0]
     ident = OM.encode_faces(m, tm.tiny_clip_vision(0), torch.rand(2, 64, 64, 3), crop=True)
     assert ident.tokens.shape == (1, 2 * 257, tm.TEXT_WIDTH)   # CLIP baseline: all 257 tokens per image

@@ -326,11 +326,11 @@ class FlashFaceInjector(ReferenceAttention):
         x = self.latent_format.process_in(latents.to(device)).to(dtype)   # clean latents: no noise, no c_in
         n = x.shape[0]
         rec = _UnetRecorder(set(self.blocks))
-        to = {"patches": {"attn1_patch": [rec]}, "cond_or_uncond": [UNCOND],
+        reference_options = {"patches": {"attn1_patch": [rec]}, "cond_or_uncond": [UNCOND],
               "sigmas": transformer_options.get("sigmas")}
         inputs = _model_inputs(conds, n, device, dtype)
         with torch.no_grad():
-            unet(x, t.expand(n).to(device), context=inputs["c_crossattn"], transformer_options=to)
+            unet(x, t.expand(n).to(device), context=inputs["c_crossattn"], transformer_options=reference_options)
         missing = set(self.blocks) - set(rec.out)
         if missing:
             raise FlashFaceError(f"the reference UNet has no self-attention at {sorted(missing)}: "
@@ -343,10 +343,11 @@ class FlashFaceInjector(ReferenceAttention):
             raise RuntimeError("FlashFace: the attention input was not recorded (patching layer)")
         module = transformer_block(ctx.diffusion_model, ctx.key).flashface_ref_attn
         lam = self.row_lambdas(ctx)
-        to = ctx.transformer_options
+        transformer_options = ctx.transformer_options
         q, k, v = module.to_q(y), module.to_k(y), module.to_v(y)
         attn = lambda q_, k_, v_: optimized_attention(q_, k_, v_, module.heads,  # noqa: E731
-                                                      attn_precision=module.attn_precision, transformer_options=to)
+                                                      attn_precision=module.attn_precision,
+                                                      transformer_options=transformer_options)
         pre = attn(q, k, v)                                      # RA(y, y), for every row
         rows = [i for i, val in enumerate(lam) if val != 0.0]
         if rows:
@@ -396,20 +397,21 @@ class TrainingFreeInjector(ReferenceAttention):
         n = latents.shape[0]
         x = self.latent_format.process_in(latents.to(device)).to(dtype)
         inputs = _model_inputs(conds, n, device, dtype)
-        to = {"cond_or_uncond": [UNCOND], "sigmas": transformer_options.get("sigmas")}
+        reference_options = {"cond_or_uncond": [UNCOND], "sigmas": transformer_options.get("sigmas")}
         if self.family == "flux":
             rec: dict = {}
             txt_len = inputs["c_crossattn"].shape[1]
-            to["patches_replace"] = {"dit": {(f"{kind}_block", i): _FluxRecorder(rec, (kind, i), txt_len, dm)
-                                             for kind, i in self._wanted}}
+            reference_options["patches_replace"] = {"dit": {(f"{kind}_block", i): _FluxRecorder(rec, (kind, i), txt_len, dm)
+                                                            for kind, i in self._wanted}}
             with torch.no_grad():
                 dm(x, t.expand(n).to(device), inputs["c_crossattn"], y=inputs.get("y"), guidance=inputs.get("guidance"),
-                   transformer_options=to)
+                   transformer_options=reference_options)
             return rec
         recorder = _UnetRecorder(self._wanted)
-        to["patches"] = {"attn1_patch": [recorder]}
+        reference_options["patches"] = {"attn1_patch": [recorder]}
         with torch.no_grad():
-            dm(x, t.expand(n).to(device), context=inputs["c_crossattn"], y=inputs.get("y"), transformer_options=to)
+            dm(x, t.expand(n).to(device), context=inputs["c_crossattn"], y=inputs.get("y"),
+               transformer_options=reference_options)
         return recorder.out
 
     # UNet: out is the stock attention output before to_out; blending before to_out is exact because
@@ -475,8 +477,8 @@ class TrainingFreeInjector(ReferenceAttention):
             new[idx, sl] = (1.0 - lr) * base[idx][:, sl] + lr * acc
             return new
 
-        to = args.get("transformer_options") or {}
-        return call({**args, "transformer_options": chain_attention_override(to, blend)})
+        transformer_options = args.get("transformer_options") or {}
+        return call({**args, "transformer_options": chain_attention_override(transformer_options, blend)})
 
 
 def _flat_heads(kv):
@@ -499,5 +501,5 @@ class _FluxRecorder:
             self.out[self.key] = (k[:, :, sl], v[:, :, sl])
             return attend(q, k, v, heads, *a, **kw)
 
-        to = args.get("transformer_options") or {}
-        return extra["original_block"]({**args, "transformer_options": chain_attention_override(to, keep)})
+        transformer_options = args.get("transformer_options") or {}
+        return extra["original_block"]({**args, "transformer_options": chain_attention_override(transformer_options, keep)})

@@ -65,8 +65,8 @@ def _batch_rows(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.repeat(math.ceil(b / t.shape[0]), 1, 1)[:b]
 
 
-def _identity_adapters(to: dict) -> list:
-    layer = to.get(LAYER_KEY)
+def _identity_adapters(transformer_options: dict) -> list:
+    layer = transformer_options.get(LAYER_KEY)
     return [inj for inj in (layer.injectors if layer is not None else ()) if isinstance(inj, IdentityInjector)]
 
 
@@ -114,8 +114,8 @@ class RBInjector(Injector):
         return self._dit(ctx, args, call)
 
     def _dit(self, ctx, args, call):
-        to = args.get("transformer_options") or {}
-        cap = to.get(CAPTURE_KEY)
+        transformer_options = args.get("transformer_options") or {}
+        cap = transformer_options.get(CAPTURE_KEY)
         if cap is None:
             return call(args)
         kind, idx = ctx.kind, ctx.key[1]
@@ -127,7 +127,7 @@ class RBInjector(Injector):
                 # joint attention of this block: q, k are (B, heads, txt+img, d) after RoPE, text first
                 _record_flux(cap, ctx, rec_args, q, k)
                 return attend(q, k, *a, **kwa)
-            args = {**args, "transformer_options": chain_attention_override(to, record_attention)}
+            args = {**args, "transformer_options": chain_attention_override(transformer_options, record_attention)}
         res = call(args)
         if (kind, idx) == (point_kind, point_idx):
             img = res["img"] if kind == "double" else res["img"][:, ctx.txt_len:]

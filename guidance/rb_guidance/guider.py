@@ -251,20 +251,22 @@ class RBGuider(comfy.samplers.CFGGuider):
     def _capture_options(self, model_options: dict, cap: _Capture) -> dict:
         """Model options of our passes: the caller's, plus the patch layer of the RB clone and our hooks."""
         opts = comfy.model_patcher.create_model_options_clone(model_options)
-        to = opts.setdefault("transformer_options", {})
+        transformer_options = opts.setdefault("transformer_options", {})
         rb_model = self._run["rb_model"]
         rb_to = rb_model.model_options["transformer_options"]
-        pr = to.setdefault("patches_replace", {})
+        pr = transformer_options.setdefault("patches_replace", {})
         for name, slot in rb_to.get("patches_replace", {}).items():
             pr[name] = {**pr.get(name, {}), **slot}
-        to[LAYER_KEY] = rb_to[LAYER_KEY]
-        wrappers = to.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+        transformer_options[LAYER_KEY] = rb_to[LAYER_KEY]
+        wrappers = transformer_options.setdefault("wrappers", {}).setdefault(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
         wrappers[WRAPPER_KEY] = list(rb_model.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][WRAPPER_KEY])
         wrappers[CAPTURE_WRAPPER_KEY] = [_CaptureWrapper()]
         if not self.point.is_flux:
-            patches = to.setdefault("patches", {})
-            patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [_StopAtOutputBlock(self.point.output_index)]
-        to[CAPTURE_KEY] = cap
+            patches = transformer_options.setdefault("patches", {})
+            stop = _StopAtOutputBlock(self.point.output_index)
+            patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [stop]
+        transformer_options[CAPTURE_KEY] = cap
         return opts
 
     def _forward(self, x, timestep, model_options, conds, cap: _Capture) -> _Capture:

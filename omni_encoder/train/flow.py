@@ -378,14 +378,14 @@ class DiffusionDecoder:
                 if k in conds and k in empty and conds[k].shape == empty[k].shape:
                     sel = text_rows.to(self.device).view(-1, *([1] * (conds[k].ndim - 1)))
                     conds[k] = torch.where(sel, empty[k], conds[k])
-        to = dict(self.patched.model_options.get("transformer_options", {}))
-        to["wrappers"] = comfy.patcher_extension.copy_nested_dicts(self.patched.wrappers)
-        to["sigmas"] = sigma
-        to["cond_or_uncond"] = [0]
+        transformer_options = dict(self.patched.model_options.get("transformer_options", {}))
+        transformer_options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(self.patched.wrappers)
+        transformer_options["sigmas"] = sigma
+        transformer_options["cond_or_uncond"] = [0]
         self.capture.out = None
         # ComfyUI's forward as it runs, differentiable: in-place updates, its kernels without a backward
         with GradPass(weight_grads=True):
-            self.patched.model.apply_model(x_t, sigma, transformer_options=to, **conds)
+            self.patched.model.apply_model(x_t, sigma, transformer_options=transformer_options, **conds)
         out = self.capture.out
         self.capture.out = None
         if out is None:

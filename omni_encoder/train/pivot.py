@@ -133,14 +133,14 @@ class PivotStage(nn.Module):
         conds = {k: v.process_cond(batch_size=b, device=self.device, area=None).cond
                  for k, v in model.extra_conds(**kw).items()}
         conds["c_crossattn"] = cond       # keep the graph to e_mix (extra_conds may copy)
-        to = dict(patched.model_options.get("transformer_options", {}))
-        to["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
-        to["sigmas"] = sigma
-        to["cond_or_uncond"] = [0]
+        transformer_options = dict(patched.model_options.get("transformer_options", {}))
+        transformer_options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
+        transformer_options["sigmas"] = sigma
+        transformer_options["cond_or_uncond"] = [0]
         self.probe.maps, self.probe.token_index = [], idx
         try:
             with GradPass(weight_grads=True):
-                model.apply_model(x_t, sigma, transformer_options=to, **conds)
+                model.apply_model(x_t, sigma, transformer_options=transformer_options, **conds)
             eps = self.capture.out.float()
             maps = list(self.probe.maps)
         finally:
