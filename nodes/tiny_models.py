@@ -97,7 +97,8 @@ FULL_SIZE = {   # the real architectures (SD1.5, SDXL base, FLUX.1-dev), for ben
     "sd15": lambda: sm.SD15({**_FULL_UNET, "use_linear_in_transformer": False, "adm_in_channels": None,
                              "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
                              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-                             "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "context_dim": 768}),
+                             # ComfyUI pops this from the end: output_blocks 0-2 (lowest resolution) get none, 3-11 one each
+                             "transformer_depth_output": [1] * 9 + [0] * 3, "context_dim": 768}),
     "sdxl": lambda: sm.SDXL({**_FULL_UNET, "use_linear_in_transformer": True, "adm_in_channels": 2816,
                              "num_classes": "sequential", "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
                              "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
