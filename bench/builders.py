@@ -1,0 +1,210 @@
+"""Random-weight models for the benches and the GPU run (bench/gpu), at three geometries, all built with ComfyUI's
+own classes (the layouts come from nodes/tiny_models.py):
+
+* ``tiny``: the tiny stand-ins of nodes/tiny_models.py (2 UNet levels, 2+2 FLUX blocks, width 64 text);
+* ``dry``: the real layouts of ``tiny_models.FULL_SIZE`` (SD1.5's 4 levels and 16 transformers, SDXL's 70, FLUX's
+  19 + 38 blocks) at tiny widths (32 UNet channels, FLUX hidden 64, text width 64), so a CPU dry run walks every
+  block of the real architectures in seconds;
+* ``full``: the real architectures (SD1.5 859.52 M, SDXL 2.57 B, FLUX.1-dev 11.9 B parameters).
+
+Full-size weights on a GPU are drawn there, with a generator on the device: drawing 12 B numbers on the CPU would
+take a minute per model. The text encoders, CLIP vision and ControlNet stand-ins match the widths their model
+expects (e.g. 2048-wide tokens and a 1280-wide pooled vector for SDXL), with few layers: their cost is not what the
+benches measure. The VAE is always the tiny one.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+
+from idportrait.nodes import tiny_models as tm
+
+GEOMETRIES = ("tiny", "dry", "full")
+TW = tm.TEXT_WIDTH
+# (cross-attention context width, pooled vector width) of each family's real text encoders
+FULL_DIMS = {"sd15": (768, None), "sdxl": (2048, 1280), "flux": (4096, 768)}
+# weight dtypes ComfyUI picks for these models on a recent NVIDIA GPU
+CUDA_DTYPES = {"sd15": torch.float16, "sdxl": torch.float16, "flux": torch.bfloat16}
+
+
+def dims(family: str, geometry: str) -> tuple[int, int | None]:
+    """(context width, pooled width or None) of the conditioning a model of this geometry takes."""
+    if geometry == "full":
+        return FULL_DIMS[family]
+    return TW, (None if family == "sd15" else TW)
+
+
+def text_tokens(family: str, geometry: str) -> int:
+    """Prompt tokens: 77 (CLIP); FLUX's T5 prompt is 256 tokens at full size."""
+    return 256 if (family == "flux" and geometry == "full") else 77
+
+
+def default_dtype(family: str, geometry: str, device: torch.device) -> torch.dtype:
+    return CUDA_DTYPES[family] if (geometry == "full" and device.type == "cuda") else torch.float32
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """tiny_models.randomize_'s rule (norm scales 1, norm biases 0, the rest N(0, std²)), drawn on each parameter's
+    own device. On the CPU it *is* tiny_models.randomize_, so CPU figures keep their weights."""
+    devices = {p.device for p in module.parameters()}
+    if devices <= {torch.device("cpu")}:
+        return tm.randomize_(module, seed, std)
+    gens = {}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm = "norm" in name.lower() or name.endswith(".scale")
+            if p.ndim == 1 and is_norm and (name.endswith("weight") or name.endswith("scale")):
+                p.fill_(1.0)
+            elif p.ndim == 1 and is_norm:
+                p.zero_()
+            else:
+                g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).mul_(std))
+    return module
+
+
+def model_config(family: str, geometry: str, depth: tuple[int, int] | None = None):
+    """The ComfyUI model config of a geometry. ``depth`` = (double, single) FLUX blocks, for a shallower FLUX."""
+    if geometry == "tiny":
+        cfg = tm.model_config(family)
+    elif geometry in ("dry", "full"):
+        cfg = tm.FULL_SIZE[family]()
+        u = cfg.unet_config
+        if geometry == "dry" and family == "flux":
+            u.update(hidden_size=64, num_heads=2, axes_dim=[16, 8, 8], context_in_dim=TW, vec_in_dim=TW)
+        elif geometry == "dry":
+            u.update(model_channels=32, context_dim=TW)
+            if family == "sdxl":
+                u.update(adm_in_channels=TW + tm.SDXL_ADM_EXTRA, num_head_channels=16)
+    else:
+        raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+    if depth is not None:
+        if family != "flux":
+            raise ValueError("depth applies to FLUX only")
+        cfg.unet_config.update(depth=depth[0], depth_single_blocks=depth[1])
+    return cfg
+
+
+def diffusion_model(family: str, geometry: str = "full", dtype: torch.dtype | None = None, seed: int = 0,
+                    depth: tuple[int, int] | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A random-weight diffusion model as a ModelPatcher; full size on a GPU is built and drawn on the GPU."""
+    dev = mm.get_torch_device()
+    if geometry == "tiny" and dtype is None and depth is None:
+        return tm.tiny_model(family, seed)
+    dtype = dtype or default_dtype(family, geometry, dev)
+    if geometry == "full" and dev.type == "cpu" and depth is None:
+        return tm.full_size_model(family, dtype, seed)
+    cfg = model_config(family, geometry, depth)
+    cfg.set_inference_dtype(dtype, None)
+    build_on = dev if geometry == "full" else torch.device("cpu")
+    model = cfg.get_model({}, "", device=build_on)
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=mm.unet_offload_device())
+
+
+def conditioning(family: str, geometry: str, seed: int = 1, batch: int = 1) -> list:
+    """CONDITIONING of the widths the model takes, as a text encoder would give it (random)."""
+    ctx, vec = dims(family, geometry)
+    g = torch.Generator().manual_seed(seed)
+    extra = {}
+    if vec is not None:
+        extra["pooled_output"] = torch.randn(batch, vec, generator=g)
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(batch, text_tokens(family, geometry), ctx, generator=g), extra]]
+
+
+class _ClipTarget:
+    """What comfy.sd.CLIP needs: ComfyUI's SD1 CLIP text model and tokenizer (its own tokenizer files)."""
+    clip = comfy.sd1_clip.SD1ClipModel
+    tokenizer = comfy.sd1_clip.SD1Tokenizer
+    params: dict = {}
+
+
+def clip(family: str, geometry: str, seed: int = 0) -> comfy.sd.CLIP:
+    """A text encoder whose tokens and pooled vector have the widths the family's model takes (2 layers)."""
+    if geometry != "full":
+        return tm.tiny_clip(seed)
+    ctx, vec = dims(family, geometry)
+    te = {"hidden_size": ctx, "intermediate_size": 4 * ctx, "num_attention_heads": ctx // 64, "num_hidden_layers": 2,
+          "projection_dim": vec or ctx}
+    c = comfy.sd.CLIP(_ClipTarget, model_options={"clip_l_model_config": te, "dtype": torch.float32})
+    randomize_(c.cond_stage_model, seed + 1)
+    return c
+
+
+def clip_vision(geometry: str, seed: int = 0):
+    """CLIP vision: the tiny stand-in, or CLIP-H's width (1280, 257 tokens at 224 px) with 2 layers."""
+    if geometry != "full":
+        return tm.tiny_clip_vision(seed)
+    from idportrait.omni_encoder.train import trunk
+    return trunk.tiny_clip_vision(seed, 224, width=1280, layers=2, heads=16)
+
+
+def controlnet(model: comfy.model_patcher.ModelPatcher, seed: int = 0):
+    """ComfyUI's ControlNet for this very UNet's layout (what a real SD1.5/SDXL ControlNet file gives)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    base = model.model
+    cfg = {k: v for k, v in base.model_config.unet_config.items() if k != "out_channels"}
+    dtype = base.get_dtype()
+    dev = mm.get_torch_device()
+    build_on = dev if dev.type == "cuda" else torch.device("cpu")
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=dtype, device=build_on)
+    net = randomize_(comfy.cldm.cldm.ControlNet(**cfg), seed + 4, std=0.05)
+    return comfy.controlnet.ControlNet(net, load_device=dev, manual_cast_dtype=None)
+
+
+def omni_id_config(geometry: str):
+    """The paper's encoder (256 x 1280 from CLIP-H tokens) at full size, else the tests' tiny one."""
+    from idportrait.omni_encoder.encoder import OmniIDConfig
+    if geometry == "full":
+        return OmniIDConfig()
+    return OmniIDConfig(token_dim=32, clip_dim=TW, num_queries=16, heads=2)
+
+
+def identity_adapter(model: comfy.model_patcher.ModelPatcher, family: str, token_dim: int, ctx_dim: int, seed: int = 1):
+    """Omni-ID's injection layers for this model (random), on the CPU."""
+    from idportrait.guidance import ip_adapter as IP
+    dm = model.model.diffusion_model
+    if family == "flux":
+        a = IP.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
+    else:
+        a = IP.SDIdentityAdapter(token_dim, ctx_dim, IP.SDIdentityAdapter.inner_dims_of(dm))
+    return tm.randomize_(a, seed)
+
+
+def write_omni_id(path: str, family: str, model: comfy.model_patcher.ModelPatcher, geometry: str, seed: int = 0) -> None:
+    """An Omni-ID weight file in the real format that fits ``model`` (random encoder and injection layers)."""
+    from idportrait.omni_encoder import weights as W
+    from idportrait.omni_encoder.encoder import OmniIDEncoder
+    cfg = omni_id_config(geometry)
+    enc = tm.randomize_(OmniIDEncoder(cfg), seed)
+    ad = identity_adapter(model, family, cfg.token_dim, dims(family, geometry)[0], seed + 1)
+    proj = ad.state_dict_flat() if family == "flux" else ad.state_dict()
+    W.save_identity_weights(path, enc.state_dict(), proj,
+                            W.IdentityWeightsMeta(config=cfg, base_family=family, injected_blocks="all"))
+
+
+def flashface_model(geometry: str, dtype: torch.dtype | None = None, seed: int = 0):
+    """FlashFace's main UNet + reference UNet (released layout; 1.65 B parameters at full size), random weights."""
+    from idportrait.guidance import flashface as FF
+    from idportrait.guidance import flashface_checkpoint as ffc
+    dev = mm.get_torch_device()
+    full = geometry == "full"
+    dtype = dtype or (torch.float16 if (full and dev.type == "cuda") else torch.float32)
+    shapes = ffc.expected_shapes(ffc.SD15 if full else ffc.Geometry(32, TW))
+    draw_on = dev if dev.type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=draw_on).manual_seed(seed)
+    weights = ffc.FlashFaceWeights(*({k: (torch.randn(s, generator=g, device=draw_on) * 0.02).to(dtype)
+                                      for k, s in shapes[part].items()} for part in ("main", "ref", "ref_attention")))
+    return FF.build_models(weights, {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
