@@ -8,9 +8,10 @@ own classes (the layouts come from nodes/tiny_models.py):
 * ``full``: the real architectures (SD1.5 859.52 M, SDXL 2.57 B, FLUX.1-dev 11.9 B parameters).
 
 Full-size weights on a GPU are drawn there, with a generator on the device: drawing 12 B numbers on the CPU would
-take a minute per model. The text encoders, CLIP vision and ControlNet stand-ins match the widths their model
-expects (e.g. 2048-wide tokens and a 1280-wide pooled vector for SDXL), with few layers: their cost is not what the
-benches measure. The VAE is always the tiny one.
+take a minute per model. At full size the text encoders are the family's own ComfyUI classes at their real widths
+with 3 CLIP / 2 T5 layers (SDXL: CLIP-L + CLIP-G, 2048-wide tokens and a 1280-wide pooled vector; FLUX: CLIP-L + T5-XXL);
+CLIP vision has CLIP-H's width and the ControlNet the UNet's own layout: their cost is not what the benches measure.
+The VAE is always the tiny one.
 """
 from __future__ import annotations
 
@@ -118,21 +119,32 @@ def conditioning(family: str, geometry: str, seed: int = 1, batch: int = 1) -> l
     return [[torch.randn(batch, text_tokens(family, geometry), ctx, generator=g), extra]]
 
 
-class _ClipTarget:
-    """What comfy.sd.CLIP needs: ComfyUI's SD1 CLIP text model and tokenizer (its own tokenizer files)."""
-    clip = comfy.sd1_clip.SD1ClipModel
-    tokenizer = comfy.sd1_clip.SD1Tokenizer
-    params: dict = {}
+def _text_target(family: str):
+    """What comfy.sd.CLIP needs for the family's own text encoder classes (and their tokenizer files)."""
+    import comfy.sdxl_clip
+    import comfy.text_encoders.flux
+    clip, tok = {"sd15": (comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer),
+                 "sdxl": (comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer),
+                 "flux": (comfy.text_encoders.flux.FluxClipModel, comfy.text_encoders.flux.FluxTokenizer)}[family]
+    return type("TextTarget", (), {"clip": clip, "tokenizer": tok, "params": {}})
 
 
 def clip(family: str, geometry: str, seed: int = 0) -> comfy.sd.CLIP:
-    """A text encoder whose tokens and pooled vector have the widths the family's model takes (2 layers)."""
-    if geometry != "full":
-        return tm.tiny_clip(seed)
+    """A text encoder whose tokens and pooled vector have the widths the family's model takes."""
+    c = tm.tiny_clip(seed) if geometry != "full" else _wide_clip(family, seed)
+    cond, pooled = c.encode_from_tokens(c.tokenize("a"), return_pooled=True)
     ctx, vec = dims(family, geometry)
-    te = {"hidden_size": ctx, "intermediate_size": 4 * ctx, "num_attention_heads": ctx // 64, "num_hidden_layers": 2,
-          "projection_dim": vec or ctx}
-    c = comfy.sd.CLIP(_ClipTarget, model_options={"clip_l_model_config": te, "dtype": torch.float32})
+    if cond.shape[-1] != ctx or (vec is not None and pooled.shape[-1] != vec):   # FLUX would silently cut a wider one
+        raise RuntimeError(f"{family} text stand-in gives {cond.shape[-1]} / {pooled.shape[-1]}, expected {ctx} / {vec}")
+    return c
+
+
+def _wide_clip(family: str, seed: int) -> comfy.sd.CLIP:
+    """The family's real text encoders (CLIP-L; CLIP-L + CLIP-G; CLIP-L + T5-XXL) at their real widths, few layers."""
+    # 3 CLIP layers: SDXL reads the penultimate one (layer_idx -2)
+    layers = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_config": {"num_hidden_layers": 3},
+              "t5xxl_model_config": {"num_layers": 2}}
+    c = comfy.sd.CLIP(_text_target(family), model_options={**layers, "dtype": torch.float32})
     randomize_(c.cond_stage_model, seed + 1)
     return c
 
@@ -204,6 +216,15 @@ def flashface_model(geometry: str, dtype: torch.dtype | None = None, seed: int =
     weights = ffc.FlashFaceWeights(*({k: (torch.randn(s, generator=g, device=draw_on) * 0.02).to(dtype)
                                       for k, s in shapes[part].items()} for part in ("main", "ref", "ref_attention")))
     return FF.build_models(weights, {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"))
+
+
+def release() -> None:
+    """Free the models nothing refers to any more. Unlike mm.unload_all_models it does not copy weights back to the
+    CPU first (24 GB for FLUX), which is what a bench wants between families."""
+    import gc
+    gc.collect()
+    mm.cleanup_models()
+    mm.soft_empty_cache()
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -127,9 +127,8 @@ def main():
                 run[f"{name}_mean_vs_plain"] = run[f"{name}_mean_step_s"] / run["plain_mean_step_s"]
         results["runs"].append(run)
         print(json.dumps(run))
-        del model, models
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+        del model, models, adapter
+        builders.release()
     out = a.out or os.path.join(HERE, "results",
                                 f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
     results["load_average_at_end"] = os.getloadavg()

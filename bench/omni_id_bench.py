@@ -109,9 +109,8 @@ def main():
             "omni_id_wall_s_rounds": wall["omni_id"],
             **{f"peak_mem_{n}": (max(peak[n]) if cuda else None) for n in variants}})
         print(json.dumps(results["runs"][-1]), flush=True)
-        del model, patched, variants
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+        del model, patched, variants, adapter
+        builders.release()
     out = a.out or os.path.join(HERE, "results", f"omni_id_{'gpu' if dev.type == 'cuda' else 'cpu'}"
                                                  f"{'_full' if full else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

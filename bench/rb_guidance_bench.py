@@ -218,9 +218,7 @@ def main():
             rec["parameters"] = builders.count_parameters(ctx["model"].model.diffusion_model)
             rec["dtype"] = str(ctx["model"].model.get_dtype())
             del ctx
-            import comfy.model_management as mm
-            mm.unload_all_models()
-            mm.soft_empty_cache()
+            builders.release()
         results["runs"].append(rec)
         print(json.dumps(rec), flush=True)
     out = a.out or os.path.join(HERE, "results", f"rb_guidance_{'gpu' if cuda else 'cpu'}{'_full' if full else ''}.json")

@@ -35,8 +35,11 @@ def test_dry_run_runs_every_part_and_writes_what_the_device_tool_brings_back(tmp
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["dry_run"] and summary["ok"]
-    assert list(summary["parts"]) == ["smoke"] + BENCH_PARTS   # in the order
-    assert all(p["ok"] and p["headline"] for p in summary["parts"].values()), summary["parts"]
+    ran = {k: v for k, v in summary["parts"].items() if "skipped" not in v}
+    assert list(ran) == ["smoke"] + BENCH_PARTS   # in the order
+    assert all(p["ok"] and p["headline"] for p in ran.values()), summary["parts"]
+    assert summary["parts"]["smoke_dynamic"]["skipped"] == "needs CUDA"
+    assert "pinned" in summary["parts"]["smoke_pinned"]["skipped"]
 
     smoke = json.load(open(tmp_path / "smoke.json"))
     assert smoke["geometry"] == "dry" and smoke["failed"] == 0 and smoke["skipped"] == 0
@@ -60,6 +63,15 @@ def test_dry_run_runs_every_part_and_writes_what_the_device_tool_brings_back(tmp
     assert ff["in_process"] and ff["ratio_to_plain_two_way_cfg"]["flashface_4ref_three_way"] > 0
     train = json.load(open(tmp_path / "train.json"))
     assert [r["stage"] for r in train["runs"]] == ["mtd", "flow"] and train["runs"][1]["ratio_to_plain_forward"] > 0
+
+    # what a GPU session then runs to commit the results: the README's table from the summary; a dry run is refused
+    sys.path.insert(0, GPU)
+    import collect
+    rows = collect.table(summary).splitlines()
+    assert all(any(r.startswith(f"| {p} | ok |") for r in rows) for p in ran), rows
+    proc = subprocess.run([sys.executable, os.path.join(GPU, "collect.py"), str(tmp_path), "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "dry run" in proc.stderr and not os.path.exists(tmp_path / "results")
 
 
 def test_a_part_out_of_time_is_reported_and_the_next_part_still_gets_its_share(tmp_path):

@@ -2,17 +2,20 @@
 summary. Started by bench/gpu/run.sh (which sets up ComfyUI and the wheels); see there and the README.
 
   python bench/gpu/run_all.py --out DIR [--dry-run] [--budget S] [--parts a,b,...] [--isolate part|all]
+                              [--pinned-comfy-dir DIR]
 
-Parts, in order: smoke (every example workflow, normal and offloaded), omni_id, flashface, rb_guidance,
+Parts, in order: smoke (every example workflow, normal and LOW_VRAM-offloaded), omni_id, flashface, rb_guidance,
 infinite_id, train (bench/*_bench.py at the papers' resolutions, each a ratio to plain sampling measured side by
-side, with peak VRAM), and smoke_pinned (the smoke on the pinned ComfyUI 0.3.75, when its tree is given). Each part
-gets a share of the time left in proportion to its allotment, so time a part leaves unused goes to the later ones;
-a part that fails or runs out of time is reported and the run goes on. ``--isolate part`` (default on a GPU) runs
-each part in its own process (a CUDA error cannot leak into the next part, and its timeout is hard);
-``--isolate all`` (the default of --dry-run) runs all parts in one worker process so ComfyUI boots once.
+side, with peak VRAM), then two extras: smoke_pinned (the smoke on the pinned ComfyUI 0.3.75, when its tree is
+given) and smoke_dynamic (the smoke with ComfyUI 0.33's DynamicVRAM; CUDA only). A part may run as long as it
+needs while the time each later part keeps (``Part.keep``, scaled to the budget) stays free, so time a part leaves
+unused goes to the later ones and an overrunning part is stopped before it eats theirs; a part that fails or runs
+out of time is reported and the run goes on. ``--isolate part`` (default on a GPU) runs each part in its own process
+(a CUDA error cannot leak into the next part, and its timeout is hard); ``--isolate all`` (the default of
+--dry-run) runs the core parts in one worker process so ComfyUI boots once.
 
 DIR receives at most 8 files (the device tool's limit): summary.json, smoke.json, omni_id.json, flashface.json,
-rb_guidance.json, infinite_id.json, train.json and run.log.
+rb_guidance.json, infinite_id.json, train.json and run.log; the extras' reports go into summary.json.
 """
 from __future__ import annotations
 
@@ -25,37 +28,50 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import NamedTuple, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BENCH = os.path.join(REPO, "bench")
+FULL_BUDGET = 465.0   # what the keep times below are sized for: 8 minutes less the setup
 
 
-# name: (script, GPU arguments, dry-run arguments, GPU seconds allotted)
-PARTS = {
-    "smoke": ("bench/gpu/smoke.py", ["--geometry", "full", "--offload", "all"],
-              ["--geometry", "dry", "--offload", "sd15_omni_id_controlnet.json",
-               "--only", "sd15_omni_id_controlnet.json,flashface_sd15_face_box.json,flux_rb_guidance.json"], 120),
-    "omni_id": ("bench/omni_id_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "6", "--rounds", "2"],
-                ["--geometry", "dry", "--families", "flux", "--steps", "2", "--rounds", "1", "--size", "64"], 45),
-    "flashface": ("bench/flashface_bench.py", ["--full", "--steps", "10", "--rounds", "2"],
-                  ["--geometry", "dry", "--steps", "1", "--rounds", "1", "--size", "64", "--in-process",
-                   "--only", "flashface_plain_cfg,flashface_4ref_three_way"], 40),
-    "rb_guidance": ("bench/rb_guidance_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "8"],
-                    ["--geometry", "dry", "--families", "sd15", "--steps", "3", "--size", "64", "--in-process"], 80),
-    "infinite_id": ("bench/infinite_id_bench.py", ["--full", "--families", "sdxl,flux", "--steps", "6",
-                                                   "--repeats", "2"],
-                    ["--geometry", "dry", "--families", "sdxl", "--steps", "2", "--repeats", "1", "--size", "64"], 75),
-    "train": ("bench/train_bench.py", ["--full", "--steps", "3"], ["--geometry", "dry", "--steps", "1"], 70),
-    "smoke_pinned": ("bench/gpu/smoke.py", ["--geometry", "full", "--offload", "flux_omni_id.json"],
-                     ["--geometry", "dry", "--offload", "none", "--only", "flux_omni_id.json"], 40),
+class Part(NamedTuple):
+    script: str
+    gpu: list            # arguments on the GPU
+    dry: Optional[list]  # arguments in the CPU dry run (None: the part needs CUDA)
+    keep: float          # GPU seconds kept free for this part while earlier parts run
+
+
+_DRY_SMOKE = ["sd15_omni_id_controlnet.json", "flashface_sd15_face_box.json", "flux_rb_guidance.json"]
+PARTS = {   # in this order; the extras at the end get the time the others leave
+    "smoke": Part("bench/gpu/smoke.py", ["--geometry", "full", "--offload", "all"],
+                  ["--geometry", "dry", "--offload", _DRY_SMOKE[0], "--only", ",".join(_DRY_SMOKE)], 100),
+    "omni_id": Part("bench/omni_id_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "6", "--rounds", "2"],
+                    ["--geometry", "dry", "--families", "flux", "--steps", "2", "--rounds", "1", "--size", "64"], 40),
+    "flashface": Part("bench/flashface_bench.py", ["--full", "--steps", "10", "--rounds", "2"],
+                      ["--geometry", "dry", "--steps", "1", "--rounds", "1", "--size", "64", "--in-process",
+                       "--only", "flashface_plain_cfg,flashface_4ref_three_way"], 35),
+    "rb_guidance": Part("bench/rb_guidance_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "8"],
+                        ["--geometry", "dry", "--families", "sd15", "--steps", "3", "--size", "64", "--in-process"], 75),
+    "infinite_id": Part("bench/infinite_id_bench.py",
+                        ["--full", "--families", "sdxl,flux", "--steps", "6", "--repeats", "2"],
+                        ["--geometry", "dry", "--families", "sdxl", "--steps", "2", "--repeats", "1", "--size", "64"],
+                        65),
+    "train": Part("bench/train_bench.py", ["--full", "--steps", "3"], ["--geometry", "dry", "--steps", "1"], 60),
+    # extras: the smoke on the pinned ComfyUI 0.3.75, and on 0.33 with DynamicVRAM (its default on NVIDIA; last,
+    # as it runs comfy-aimdo's own allocator)
+    "smoke_pinned": Part("bench/gpu/smoke.py", ["--geometry", "full", "--offload", "flux_omni_id.json"],
+                         ["--geometry", "dry", "--offload", "none", "--only", "flux_omni_id.json"], 25),
+    "smoke_dynamic": Part("bench/gpu/smoke.py", ["--geometry", "full", "--offload", "none", "--dynamic-vram"], None,
+                          25),
 }
 ORDER = list(PARTS)
 
 
 def part_argv(name: str, dry: bool, out_dir: str, deadline: float) -> list[str]:
-    script, gpu, dry_args, _ = PARTS[name]
-    argv = [os.path.join(REPO, script)] + (dry_args if dry else gpu)
+    part = PARTS[name]
+    argv = [os.path.join(REPO, part.script)] + (part.dry if dry else part.gpu)
     if name.startswith("smoke"):
         argv += ["--deadline", str(deadline), "--out", out_dir]
     else:
@@ -101,8 +117,8 @@ def run_parts_here(parts: list[str], dry: bool, out_dir: str, work: str, deadlin
             if mm.get_torch_device().type == "cuda":
                 import torch
                 status["cuda_peak_bytes_process"] = torch.cuda.max_memory_allocated()
-            mm.unload_all_models()
-            mm.soft_empty_cache()
+            import builders
+            builders.release()   # the next part of this worker starts with the memory free
         _write_status(work, name, status)
 
 
@@ -130,9 +146,12 @@ def block_absent_modules() -> None:
     sys.meta_path.insert(0, _Absent(absent_modules()))
 
 
+EXTRAS = ("smoke_pinned", "smoke_dynamic")
+
+
 def _part_dir(out_dir: str, work: str, name: str) -> str:
-    # the pinned smoke's report goes into summary.json, not into OUT (at most 8 files come back)
-    return os.path.join(work, "pinned") if name == "smoke_pinned" else out_dir
+    # the extra smokes' reports go into summary.json, not into OUT (at most 8 files come back)
+    return os.path.join(work, name) if name in EXTRAS else out_dir
 
 
 def _write_status(work: str, name: str, status: dict) -> None:
@@ -196,23 +215,27 @@ def orchestrate(a) -> int:
     work = tempfile.mkdtemp(prefix="idp-gpu-run-")   # status and the pinned smoke's report: outside OUT
     status_path = os.path.join(work, "status.json")
     parts = [p for p in ORDER if p in a.parts.split(",")] if a.parts else list(ORDER)
+    skipped = {}
     if "smoke_pinned" in parts and not a.pinned_comfy_dir:
-        parts.remove("smoke_pinned")
-    pinned = [["smoke_pinned"]] if "smoke_pinned" in parts else []   # another ComfyUI tree: its own process
-    parts = [p for p in parts if p != "smoke_pinned"]
-    groups = ([parts] if a.isolate == "all" and parts else [[p] for p in parts]) + pinned
+        skipped["smoke_pinned"] = "no pinned ComfyUI tree was carried"
+    for p in parts:
+        if a.dry_run and PARTS[p].dry is None:
+            skipped[p] = "needs CUDA"
+    parts = [p for p in parts if p not in skipped]
+    # smoke_pinned runs another ComfyUI tree and smoke_dynamic must set up comfy-aimdo before ComfyUI: own processes
+    own = [[p] for p in parts if p in EXTRAS]
+    parts = [p for p in parts if p not in EXTRAS]
+    groups = ([parts] if a.isolate == "all" and parts else [[p] for p in parts]) + own
     log = open(os.path.join(a.out, "run.log"), "a")
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": a.dry_run, "budget_s": a.budget,
                "environment": environment(), "parts": {}}
     for i, group in enumerate(groups):
-        left = deadline - time.time()
-        remaining = [p for g in groups[i:] for p in g]
-        share = sum(PARTS[p][3] for p in group) / sum(PARTS[p][3] for p in remaining)
-        timeout = max(1.0, left * share)
-        # each part of the group may run until its cumulative share of this group's time
+        # a group may use all the time left but what the later parts keep; its parts share it by what they keep
+        later = [p for g in groups[i + 1:] for p in g]
+        timeout = max(1.0, deadline - time.time() - sum(PARTS[p].keep for p in later) * a.budget / FULL_BUDGET)
         deadlines, acc = {}, time.time()
         for p in group:
-            acc += timeout * PARTS[p][3] / sum(PARTS[q][3] for q in group)
+            acc += timeout * PARTS[p].keep / sum(PARTS[q].keep for q in group)
             deadlines[p] = acc
         env = dict(os.environ)
         if group == ["smoke_pinned"]:
@@ -233,16 +256,19 @@ def orchestrate(a) -> int:
                                                        f"{time.time() - t:.0f} s (see run.log)"}
             out_json = os.path.join(_part_dir(a.out, work, p), "smoke.json" if p.startswith("smoke") else f"{p}.json")
             st["headline"] = headline(p, out_json)
-            if p == "smoke_pinned" and os.path.exists(out_json):
+            if p in EXTRAS and os.path.exists(out_json):
                 st["report"] = json.load(open(out_json))
             summary["parts"][p] = st
             print(f"{p:13s} {'ok' if st['ok'] else 'FAILED'}  {st.get('seconds', 0):6.1f} s  "
                   f"{st.get('error', '')}", flush=True)
+    for p, why in skipped.items():
+        summary["parts"][p] = {"ok": None, "skipped": why}
     summary["total_s"] = time.time() - start
-    summary["ok"] = all(s["ok"] for s in summary["parts"].values())
+    summary["ok"] = all(s["ok"] for s in summary["parts"].values() if "skipped" not in s)
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"summary: {sum(s['ok'] for s in summary['parts'].values())}/{len(summary['parts'])} parts ok in "
+    ran = [s for s in summary["parts"].values() if "skipped" not in s]
+    print(f"summary: {sum(s['ok'] for s in ran)}/{len(ran)} parts ok ({len(skipped)} skipped) in "
           f"{summary['total_s']:.0f} s -> {os.path.join(a.out, 'summary.json')}", flush=True)
     return 0 if summary["ok"] else 1
 

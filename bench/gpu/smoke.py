@@ -1,7 +1,7 @@
 """Smoke run of every example workflow on random-weight real architectures, then again with weights offloaded.
 
   python bench/gpu/smoke.py --geometry full|dry --out DIR [--offload all|none|NAME,...] [--flux-depth 6,12]
-                            [--deadline EPOCH_S] [--only NAME,...]
+                            [--deadline EPOCH_S] [--only NAME,...] [--dynamic-vram [--dynamic-usable-gb G]]
 
 Each file in example_workflows/ is converted from the UI format by the CI converter (scripts/workflow_tools.py);
 its loaders are swapped for stand-ins as in CI, and then, here, for the ``full`` geometry of bench/builders.py: the
@@ -16,7 +16,12 @@ again with ComfyUI in LOW_VRAM mode and only ``--vram-budget-gb`` of weights all
 reserve mechanism, as ``--lowvram --reserve-vram`` does), so most weights stay in CPU memory and are cast to the
 GPU layer by layer while the pack's patches run. It checks that the diffusion model really ran partly offloaded
 (an APPLY_MODEL wrapper records ComfyUI's own ``model_lowvram`` flag and loaded bytes at every model call) and
-reports how far the sampled latents are from the normal pass. Writes DIR/smoke.json.
+reports how far the sampled latents are from the normal pass.
+
+``--dynamic-vram`` (ComfyUI 0.33 on NVIDIA, what its main.py enables by default): comfy-aimdo is initialised as
+main.py does, every stand-in is a ``ModelPatcherDynamic`` and aimdo is told to keep all but ``--dynamic-usable-gb``
+of the GPU free, so weights stream under pressure; the check is that every model call ran on a dynamic patcher.
+FlashFace's own loader builds legacy ModelPatchers, so its workflow runs legacy-loaded there. Writes DIR/smoke.json.
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, os.path.join(REPO, "bench"))
+DYNAMIC = "--dynamic-vram" in sys.argv
+if DYNAMIC:   # before ComfyUI sets up CUDA, as ComfyUI's main.py does
+    import comfy_aimdo.control
+    comfy_aimdo.control.init(nvml_pressure=False)
 import embedded_comfy  # noqa: E402  (boots ComfyUI, loads the pack)
 
 import numpy as np  # noqa: E402
@@ -56,6 +65,24 @@ PROBE_KEY = "idp_bench_offload_probe"
 class Settings:
     geometry = "dry"
     flux_depth: tuple[int, int] | None = None
+    dynamic = False
+    max_px = 0                          # CPU rehearsal of the full geometry: cap the image size
+    dtype: torch.dtype | None = None    # CPU rehearsal: e.g. bf16 so that SDXL fits in memory
+
+
+def enable_dynamic_vram(usable_gb: float) -> dict:
+    """ComfyUI 0.33's DynamicVRAM, switched on the way its main.py does, with all but ``usable_gb`` kept free."""
+    import comfy.memory_management
+    import comfy.model_patcher
+    dev = mm.get_torch_device()
+    total = torch.cuda.get_device_properties(dev).total_memory
+    headroom = max(0, int(total - usable_gb * 2**30))
+    if not comfy_aimdo.control.init_devices([(d.index, headroom) for d in mm.get_all_torch_devices()]):
+        raise RuntimeError("comfy-aimdo did not initialise on this GPU")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    Settings.dynamic = True
+    return {"headroom_bytes": headroom, "usable_bytes": total - headroom}
 
 
 class OffloadProbe:
@@ -85,7 +112,9 @@ def diffusion_model(family):
 
     def build():
         with torch.inference_mode():   # as a loader node builds them
-            m = builders.diffusion_model(family, Settings.geometry, depth=depth)
+            m = builders.diffusion_model(family, Settings.geometry, dtype=Settings.dtype, depth=depth)
+        if Settings.dynamic:   # what ComfyUI's own loaders give with DynamicVRAM on
+            m = comfy.model_patcher.CoreModelPatcher(m.model, load_device=m.load_device, offload_device=m.offload_device)
         probe = OffloadProbe()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PROBE_KEY, probe)
         PROBES[family] = (m, probe)
@@ -175,6 +204,9 @@ def to_api(ui: dict) -> dict:
                 st.get("inputs_override", {}).pop(k, None)
     api = swap_stand_ins(ui_to_api(ui, lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()), ui)
     for node in api.values():
+        if Settings.max_px and node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            for k in ("width", "height"):
+                node["inputs"][k] = min(node["inputs"][k], Settings.max_px)
         new = STAND_INS.get(node["class_type"])
         if new:
             node["class_type"] = new
@@ -256,7 +288,8 @@ def run_one(path: str, mode: str) -> dict:
         rec["latents"] = latents
         rec["model_calls"] = {fam: {"calls": len(p.calls), "lowvram_calls": sum(c[0] for c in p.calls),
                                     "min_loaded_bytes": min((c[1] for c in p.calls), default=None),
-                                    "model_bytes": m.model_size()} for fam, (m, p) in PROBES.items() if p.calls}
+                                    "model_bytes": m.model_size(), "patcher": type(m).__name__}
+                              for fam, (m, p) in PROBES.items() if p.calls}
         rec["ok"] = not bad and bool(latents)
         if not latents:
             rec["error"] = "no sampler output found"
@@ -320,17 +353,24 @@ def main():
     ap.add_argument("--flux-depth", default="6,12", help="double,single FLUX blocks at full geometry ('full' = 19,38)")
     ap.add_argument("--deadline", type=float, default=0, help="epoch seconds after which no new workflow starts")
     ap.add_argument("--only", default="", help="comma list of workflow file names")
+    ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.33's DynamicVRAM (comfy-aimdo), CUDA")
+    ap.add_argument("--dynamic-usable-gb", type=float, default=10.0, help="GPU memory DynamicVRAM may use")
+    ap.add_argument("--max-px", type=int, default=0, help="cap the image size (to rehearse --geometry full on a CPU)")
+    ap.add_argument("--dtype", choices=("auto", "bf16"), default="auto", help="model dtype (rehearsal on a CPU)")
     a = ap.parse_args()
+    Settings.max_px = a.max_px
+    Settings.dtype = torch.bfloat16 if a.dtype == "bf16" else None
     Settings.geometry = a.geometry
     if a.geometry == "full" and a.flux_depth != "full":
         Settings.flux_depth = tuple(int(x) for x in a.flux_depth.split(","))
     register_nodes()
+    dynamic = enable_dynamic_vram(a.dynamic_usable_gb) if a.dynamic_vram else None
     paths = [p for p in EXAMPLES if not a.only or os.path.basename(p) in a.only.split(",")]
     dev = mm.get_torch_device()
     report = {"geometry": a.geometry, "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "torch": torch.__version__,
               "comfy_kitchen_backends": kitchen_backends(), "flux_depth": Settings.flux_depth or "19,38 (full)",
-              "vram_budget_gb": a.vram_budget_gb, "runs": []}
+              "vram_budget_gb": a.vram_budget_gb, "dynamic_vram": dynamic, "runs": []}
 
     def timed_out():
         return a.deadline and time.time() > a.deadline
@@ -339,8 +379,13 @@ def main():
         if timed_out():
             report["runs"].append({"workflow": os.path.basename(p), "mode": "normal", "ok": False, "skipped": "deadline"})
             continue
-        rec = run_one(p, "normal")
+        rec = run_one(p, "dynamic" if dynamic else "normal")
         normal[rec["workflow"]] = rec.pop("latents", {})
+        if dynamic and rec["ok"]:
+            legacy = {f: c["patcher"] for f, c in rec["model_calls"].items()
+                      if f != "flashface" and c["patcher"] != "ModelPatcherDynamic"}
+            if legacy:
+                rec["ok"], rec["error"] = False, f"models ran on legacy patchers with DynamicVRAM on: {legacy}"
         report["runs"].append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "traceback"}), flush=True)
     if a.offload != "none":
