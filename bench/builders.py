@@ -227,5 +227,14 @@ def release() -> None:
     mm.soft_empty_cache()
 
 
+def write_json(path: str, data: dict) -> None:
+    """Benches write after every family, so a run stopped at its time limit keeps what it measured."""
+    import json
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -84,6 +84,8 @@ def main():
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "load_average_at_start": os.getloadavg(), "torch": torch.__version__, "full_size": a.full,
                "geometry": geometry, "steps": a.steps, "sampler": "euler", "cfg": "5 (sd15/sdxl), 1 (flux)", "repeats": a.repeats, "runs": []}
+    out = a.out or os.path.join(HERE, "results",
+                                f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
     for family in a.families.split(","):
         if a.full and family == "sd15":
             continue
@@ -126,15 +128,12 @@ def main():
                 run[f"{name}_cpu_vs_plain"] = run[f"{name}_cpu_step_s"] / run["plain_cpu_step_s"]
                 run[f"{name}_mean_vs_plain"] = run[f"{name}_mean_step_s"] / run["plain_mean_step_s"]
         results["runs"].append(run)
-        print(json.dumps(run))
+        print(json.dumps(run), flush=True)
+        builders.write_json(out, results)
         del model, models, adapter
         builders.release()
-    out = a.out or os.path.join(HERE, "results",
-                                f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
     results["load_average_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    builders.write_json(out, results)
     print("wrote", out)
 
 

@@ -83,6 +83,8 @@ def main():
                "note": ("step_s: the fastest round's median s/step, wall time on CUDA, this process's CPU time on "
                         "the CPU (one thread: a busy shared machine inflates wall time, not CPU time); rounds "
                         "alternate plain and Omni-ID"), "runs": []}
+    out = a.out or os.path.join(HERE, "results", f"omni_id_{'gpu' if dev.type == 'cuda' else 'cpu'}"
+                                                 f"{'_full' if full else ''}.json")
     for family in a.families.split(","):
         model = builders.diffusion_model(family, geometry)
         size = a.size or (((512 if family == "sd15" else 1024) if full else 128))
@@ -109,13 +111,9 @@ def main():
             "omni_id_wall_s_rounds": wall["omni_id"],
             **{f"peak_mem_{n}": (max(peak[n]) if cuda else None) for n in variants}})
         print(json.dumps(results["runs"][-1]), flush=True)
+        builders.write_json(out, results)
         del model, patched, variants, adapter
         builders.release()
-    out = a.out or os.path.join(HERE, "results", f"omni_id_{'gpu' if dev.type == 'cuda' else 'cpu'}"
-                                                 f"{'_full' if full else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
     print("wrote", out)
 
 

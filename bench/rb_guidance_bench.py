@@ -199,6 +199,7 @@ def main():
                         "over the guided steps after the first; p=0 is the plain sampler; peak_mem: CUDA max allocated "
                         "(weights included) or CPU peak RSS growth during sampling"),
                "runs": []}
+    out = a.out or os.path.join(HERE, "results", f"rb_guidance_{'gpu' if cuda else 'cpu'}{'_full' if full else ''}.json")
     for fam in a.families.split(","):
         rows = {name: [] for name, _, _ in CONFIGS}
         ctx = prepare(fam, geometry, size_of(fam), a.threads) if in_process else None
@@ -209,22 +210,21 @@ def main():
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", fam, point, str(p), "--steps", str(a.steps),
                        "--threads", str(a.threads), "--geometry", geometry] + (["--size", str(a.size)] if a.size else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                rows[name].append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
+                stdout = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                rows[name].append(json.loads(next(ln[7:] for ln in stdout.splitlines() if ln.startswith("RESULT "))))
         rec = summarize(fam, rows)
         rec["size"] = size_of(fam)
         if ctx is not None:
-            import builders
+            import builders   # needs ComfyUI, which only an in-process run has booted here
             rec["parameters"] = builders.count_parameters(ctx["model"].model.diffusion_model)
             rec["dtype"] = str(ctx["model"].model.get_dtype())
             del ctx
             builders.release()
         results["runs"].append(rec)
         print(json.dumps(rec), flush=True)
-    out = a.out or os.path.join(HERE, "results", f"rb_guidance_{'gpu' if cuda else 'cpu'}{'_full' if full else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:   # after every family: a run stopped at its time limit keeps what it measured
+            json.dump(results, f, indent=2)
     print("wrote", out)
 
 

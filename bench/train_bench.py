@@ -1,6 +1,6 @@
 """Training throughput and peak memory of the Omni-ID trainer's stages (tiny models on CPU; full size on a GPU).
 
-  python bench/train_bench.py [--full] [--steps N] [--threads 1] [--out bench/results/train_<device>.json]
+  python bench/train_bench.py [--full | --geometry dry] [--steps N] [--threads 1] [--out bench/results/train_<device>.json]
 
 Per stage: the trainer's own modules (engine.build_stage: trunk + encoder + MTD decoder, or + the frozen
 ComfyUI base with the identity projections) and one AdamW step per batch; the data pipeline and the VAE
@@ -12,7 +12,9 @@ before the stage was built (sampled every 5 ms).
 --full uses the paper's sizes with random weights: a CLIP-H-sized ViT trunk (32 layers, width 1280, 224 px),
 the Omni-ID encoder (256 x 1280), the MTD decoder (6 CA + 2 SA, width 1024) at 448 px, and for stage 2 a
 FLUX.1-dev-sized DiT (19 + 38 blocks, 3072 wide, bf16) at 512 px with random T5-sized conditioning
-(needs a GPU with ~60 GB; not run on CPU).
+(needs a GPU with ~60 GB; not run on CPU). The flow stage's step is also compared with one plain no-grad FLUX call
+over the same targets (``ratio_to_plain_forward``). ``--geometry dry`` runs that code path at tiny widths (FLUX's
+layout at 2 + 4 blocks) on any device: the GPU script's CPU dry run.
 """
 import argparse
 import json

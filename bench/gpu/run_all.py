@@ -52,7 +52,7 @@ PARTS = {   # in this order; the extras at the end get the time the others leave
     "flashface": Part("bench/flashface_bench.py", ["--full", "--steps", "10", "--rounds", "2"],
                       ["--geometry", "dry", "--steps", "1", "--rounds", "1", "--size", "64", "--in-process",
                        "--only", "flashface_plain_cfg,flashface_4ref_three_way"], 35),
-    "rb_guidance": Part("bench/rb_guidance_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "8"],
+    "rb_guidance": Part("bench/rb_guidance_bench.py", ["--full", "--families", "sd15,sdxl,flux", "--steps", "6"],
                         ["--geometry", "dry", "--families", "sd15", "--steps", "3", "--size", "64", "--in-process"], 75),
     "infinite_id": Part("bench/infinite_id_bench.py",
                         ["--full", "--families", "sdxl,flux", "--steps", "6", "--repeats", "2"],
