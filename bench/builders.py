@@ -1,8 +1,8 @@
 """Random-weight models for the benches and the GPU run (bench/gpu), at three geometries, all built with ComfyUI's
-own classes (the layouts come from nodes/tiny_models.py):
+own classes (the layouts come from the stand-ins' module, ``tm`` below: nodes/tiny_models.py, stand_ins/models.py):
 
-* ``tiny``: the tiny stand-ins of nodes/tiny_models.py (2 UNet levels, 2+2 FLUX blocks, width 64 text);
-* ``dry``: the real layouts of ``tiny_models.FULL_SIZE`` (SD1.5's 4 levels and 16 transformers, SDXL's 70, FLUX's
+* ``tiny``: the tiny stand-ins (2 UNet levels, 2+2 FLUX blocks, width 64 text);
+* ``dry``: the real layouts of ``tm.FULL_SIZE`` (SD1.5's 4 levels and 16 transformers, SDXL's 70, FLUX's
   19 + 38 blocks) at tiny widths (32 UNet channels, FLUX hidden 64, text width 64), so a CPU dry run walks every
   block of the real architectures in seconds;
 * ``full``: the real architectures (SD1.5 859.52 M, SDXL 2.57 B, FLUX.1-dev 11.9 B parameters).
@@ -22,7 +22,10 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 
-from idportrait.nodes import tiny_models as tm
+try:   # the stand-ins' module: stand_ins/models.py on main since its refactor, nodes/tiny_models.py before
+    from idportrait.stand_ins import models as tm
+except ImportError:
+    from idportrait.nodes import tiny_models as tm
 
 GEOMETRIES = ("tiny", "dry", "full")
 TW = tm.TEXT_WIDTH

@@ -87,7 +87,7 @@ def _setup(full, threads):
         torch.set_num_threads(threads)
     import comfy.model_management as mm
     import builders
-    from idportrait.nodes import tiny_models as tm
+    tm = builders.tm
     ctx_dim = 768 if full else tm.TEXT_WIDTH
     return {"dev": mm.get_torch_device(), "ctx_dim": ctx_dim, "full": full,
             "flashface": builders.flashface_model("full" if full else "dry"),
@@ -175,7 +175,7 @@ def main():
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
 
-    cuda = os.environ.get("IDP_COMFY_DEVICE", "cpu") != "cpu"
+    cuda = os.environ.get("IDP_COMFY_DEVICE", "cpu") == "auto"   # embedded_comfy lets ComfyUI pick the GPU
     ctx = _setup(args.full, args.threads) if (args.in_process or cuda) else None
 
     def spawn(name):

@@ -36,7 +36,7 @@ import comfy.sample  # noqa: E402
 
 import builders  # noqa: E402
 from idportrait.guidance import infinite_id as I  # noqa: E402
-from idportrait.nodes import tiny_models as tm  # noqa: E402
+tm = builders.tm
 
 VARIANTS = {
     "plain": None,

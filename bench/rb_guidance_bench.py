@@ -75,7 +75,7 @@ def prepare(family, geometry, size, threads):
     import comfy.model_management as mm
     import builders
     from idportrait.guidance import rb_guidance as RG
-    from idportrait.nodes import tiny_models as tm
+    tm = builders.tm
 
     dev = mm.get_torch_device()
     if dev.type == "cpu":
@@ -191,7 +191,7 @@ def main():
         print("RESULT " + json.dumps(run_config(ctx, point, float(p), a.steps)), flush=True)
         return
     import torch
-    cuda = torch.cuda.is_available() and os.environ.get("IDP_COMFY_DEVICE", "cpu") != "cpu"
+    cuda = torch.cuda.is_available() and os.environ.get("IDP_COMFY_DEVICE", "cpu") == "auto"
     in_process = a.in_process or cuda
     results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "geometry": geometry, "full_size": full,
                "steps": a.steps, "rounds": a.rounds, "threads": None if cuda else a.threads, "in_process": in_process,

@@ -33,7 +33,8 @@ if COMFY_DIR not in sys.path:
 
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = os.environ.get("IDP_COMFY_DEVICE", "cpu") == "cpu"   # bench/gpu sets "cuda"; tests and demo run on the CPU
+# The tests and the stand-ins run on the CPU; IDP_COMFY_DEVICE=auto lets ComfyUI pick a GPU (the demo, real weights).
+args.cpu = os.environ.get("IDP_COMFY_DEVICE", "cpu") != "auto"
 args.use_pytorch_cross_attention = True   # same flag is given to the HTTP server: same kernels, same latents
 args.disable_api_nodes = True
 

@@ -1,4 +1,4 @@
-"""The full-size builders (nodes/tiny_models.FULL_SIZE) are the real architectures.
+"""The full-size builders (the stand-ins' FULL_SIZE) are the real architectures.
 
 The independent truth is diffusers' own classes built from the published configs of SD1.5 (runwayml
 stable-diffusion-v1-5 unet/config.json), SDXL base 1.0 and FLUX.1-dev (transformer/config.json), on the meta device
@@ -19,10 +19,11 @@ import comfy.utils
 
 import harness  # noqa: F401  (boots ComfyUI, loads the pack)
 from idportrait.guidance import flashface as FF
-from idportrait.nodes import tiny_models as tm
 
 sys.path.insert(0, os.path.join(harness.REPO, "bench"))
 import builders  # noqa: E402
+
+tm = builders.tm   # the stand-ins' module (nodes/tiny_models.py, or stand_ins/models.py after main's move)
 
 diffusers = pytest.importorskip("diffusers")
 

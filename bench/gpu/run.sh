@@ -54,7 +54,7 @@ if [ -f "$CARRY/comfyui-pinned.tar.xz" ] && tar -C "$TREES/pinned" -xJf "$CARRY/
   PINNED=(--pinned-comfy-dir "$TREES/pinned/ComfyUI")
 fi
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-export COMFY_DIR=$TREES/current/ComfyUI IDP_COMFY_DEVICE=cuda
+export COMFY_DIR=$TREES/current/ComfyUI IDP_COMFY_DEVICE=auto   # embedded_comfy: let ComfyUI take the GPU
 {
   echo "setup took $(( $(date +%s) - START )) s; python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())' 2>&1)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true

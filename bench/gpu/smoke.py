@@ -54,7 +54,7 @@ import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
 import builders  # noqa: E402
-from idportrait.nodes import tiny_models as tm  # noqa: E402
+tm = builders.tm
 from workflow_tools import swap_stand_ins, ui_to_api  # noqa: E402
 
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
