@@ -15,13 +15,13 @@
 #                            ComfyUI), sources only (optional: carried only if everything fits)
 #   MANIFEST.txt             what is in there, with sizes and sha256
 # Optional items are added in that order while the working tree + carry stay under the limit (64 MiB less a
-# margin of 1 MiB: the tree can grow a little before the call).
+# margin of 256 KiB: the tree can grow a little before the call).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 CARRY=$ROOT/bench/gpu/carry
 LIMIT=$((64 * 1024 * 1024))
-MARGIN=$((1024 * 1024))
+MARGIN=$((256 * 1024))
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for c in "${COMFY_ROOT:-$HOME/.cache/idportrait-comfy}/venv/bin/python" python3; do
