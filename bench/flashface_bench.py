@@ -1,15 +1,17 @@
 """Per-step cost of FlashFace (released layout and training-free extension) vs plain two-way CFG, and peak memory.
 
-  python bench/flashface_bench.py [--full] [--steps N] [--size PX] [--out bench/results/flashface_<device>.json]
+  python bench/flashface_bench.py [--full] [--steps N] [--size PX] [--rounds R] [--in-process]
+                                  [--out bench/results/flashface_<device>.json]
 
 Default: tiny random-weight models on the CPU (the FlashFace layout at widths /10; the SD1.5 stand-in for the
 training-free mode). --full: full-size random-weight SD1.5 FlashFace (main + reference UNet, 1.65 B parameters,
 fp16 on a GPU, fp32 on the CPU) at 512x512; the issue's target is ≤ 1.6x plain two-way CFG per step with 4
-references in the three-way phase. A first process times the unavoidable pieces alone (main UNet on 2 and 3 rows,
+references in the three-way phase. A first run times the unavoidable pieces alone (main UNet on 2 and 3 rows,
 reference UNet on 4 faces): their ratio is the floor of any faithful implementation ("floor" in the JSON).
 
-Each configuration runs in its own process so that its peak memory is its own: peak RSS on the CPU,
-torch.cuda.max_memory_allocated on a GPU. Time per step is the wall time between sampler callbacks after one
+On the CPU each configuration runs in its own process so that its peak memory is its own (peak RSS). On CUDA (or
+with --in-process) they share one process and one model, and peak memory is torch.cuda.max_memory_allocated during
+each sampling run (weights included). Time per step is the wall time between sampler callbacks after one
 warm-up step (Euler, cond and uncond batched; the three-way phase adds the reference row to the batch). The
 configurations run interleaved for several rounds; the ratios use the fastest step seen per configuration, which
 is the least disturbed by other processes on a shared machine (the medians are in the JSON too). CPU runs use one
@@ -25,6 +27,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 CONFIGS = {
     # name: (layout, number of references, launch)  launch 1000 = three-way at every step, -1 = never
     "flashface_plain_cfg": ("flashface", 0, None),
@@ -75,39 +78,36 @@ def _components(model, refs_latents, ctx_dim, size, steps, dev):
     return out
 
 
-def _one(name, full, steps, size, threads):
+def _setup(full, threads):
+    """Boot ComfyUI and build the FlashFace model (and, tiny only, the SD1.5 stand-in for the training-free mode)."""
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
     import embedded_comfy  # noqa: F401  (boots ComfyUI and loads the pack)
     import torch
     if threads:
         torch.set_num_threads(threads)
     import comfy.model_management as mm
+    import builders
+    tm = builders.tm
+    ctx_dim = 768 if full else tm.TEXT_WIDTH
+    return {"dev": mm.get_torch_device(), "ctx_dim": ctx_dim, "full": full,
+            "flashface": builders.flashface_model("full" if full else "dry"),
+            "training_free": None if full else tm.tiny_model("sd15", 0)}
+
+
+def _run(name, ctx, steps, size):
+    import torch
     import comfy.sample
     from idportrait.guidance import flashface as FF
-    from idportrait.guidance import flashface_checkpoint as ffc
-    from idportrait.stand_ins import models as tm
 
+    dev, ctx_dim = ctx["dev"], ctx["ctx_dim"]
     layout, n_refs, launch = CONFIGS[name] if name != "components" else ("flashface", 0, None)
-    dev = mm.get_torch_device()
-    g = torch.Generator().manual_seed(0)
-    ctx_dim = 768 if full else tm.TEXT_WIDTH
-    if layout == "flashface":
-        geometry = ffc.SD15 if full else ffc.Geometry(32, ctx_dim)
-        # fp16 on a GPU; fp32 on the CPU, where fp16 would only add per-layer casts
-        dtype = torch.float16 if (full and dev.type == "cuda") else torch.float32
-        shapes = ffc.expected_shapes(geometry)
-        weights = ffc.FlashFaceWeights(*({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes[part].items()}
-                                         for part in ("main", "ref", "ref_attention")))
-        model = FF.build_models(weights, "fp16" if dtype == torch.float16 else "fp32")
-    else:
-        if full:
-            raise SystemExit("the training-free configurations run on the tiny stand-in only")
-        model = tm.tiny_model("sd15", 0)
+    if layout == "training_free" and ctx["full"]:
+        raise SystemExit("the training-free configurations run on the tiny stand-in only")
+    model = ctx[layout]
+    g = torch.Generator().manual_seed(1)   # the same references and prompts for every configuration
     if name == "components":
-        print("RESULT " + json.dumps({"config": name, "layout": layout, "device": str(dev),
-                                      **_components(model, torch.randn(4, 4, 28, 28, generator=g), ctx_dim, size,
-                                                    steps, dev)}))
-        return
+        return {"config": name, "layout": layout, "device": str(dev),
+                **_components(model, torch.randn(4, 4, 28, 28, generator=g), ctx_dim, size, steps, dev)}
     if n_refs:
         refs = (FF.FlashFaceReferences.single(torch.randn(n_refs, 4, 28, 28, generator=g)) if n_refs > 0 else
                 FF.FlashFaceReferences.single(torch.randn(1, 4, 28, 28, generator=g)).padded(-n_refs))   # 224 px
@@ -127,8 +127,11 @@ def _one(name, full, steps, size, threads):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    comfy.sample.sample(model, noise, steps + 1, 7.5, "euler", "simple", cond, neg, lat, callback=cb, disable_pbar=True)
+    res = comfy.sample.sample(model, noise, steps + 1, 7.5, "euler", "simple", cond, neg, lat, callback=cb,
+                              disable_pbar=True)
     total = time.perf_counter() - t0
+    if not torch.isfinite(res).all():
+        raise RuntimeError(f"{name}: the sampled latent is not finite")
     diffs = [b - a for a, b in zip(times, times[1:])]
     out = {"config": name, "layout": layout, "references": abs(n_refs), "distinct_faces": 1 if n_refs < 0 else n_refs,
            "launch": launch, "steps_timed": len(diffs),
@@ -137,11 +140,15 @@ def _one(name, full, steps, size, threads):
            "device": str(dev)}
     if dev.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated (weights included)"
     else:
         out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["peak_mem_kind"] = "process peak RSS (includes ComfyUI itself)"
-    print("RESULT " + json.dumps(out))
+    return out
+
+
+def _one(name, full, steps, size, threads):
+    print("RESULT " + json.dumps(_run(name, _setup(full, threads), steps, size)))
 
 
 def main():
@@ -153,8 +160,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
+    ap.add_argument("--geometry", choices=("tiny", "dry", "full"), default="tiny",
+                    help="full = --full; dry = tiny (the tiny FlashFace is already the real layout at widths / 10)")
+    ap.add_argument("--in-process", action="store_true", help="every configuration in this process (default on CUDA)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.full = args.full or args.geometry == "full"
     steps = args.steps or (10 if args.full else 6)
     size = args.size or (512 if args.full else 256)
     if args.one:
@@ -164,7 +175,12 @@ def main():
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
 
+    cuda = os.environ.get("IDP_COMFY_DEVICE", "cpu") == "auto"   # embedded_comfy lets ComfyUI pick the GPU
+    ctx = _setup(args.full, args.threads) if (args.in_process or cuda) else None
+
     def spawn(name):
+        if ctx is not None:
+            return _run(name, ctx, steps, size)
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--size", str(size),
                "--threads", str(args.threads)] + (["--full"] if args.full else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -202,7 +218,7 @@ def main():
               "note": ("tiny random-weight models on a shared CPU: absolute times are noisy; compare the ratios"
                        if not args.full else f"full-size random-weight SD1.5 FlashFace, "
                        f"{'fp16' if 'cuda' in device else 'fp32'}"),
-              "threads": args.threads, "rounds": args.rounds,
+              "threads": args.threads, "rounds": args.rounds, "in_process": ctx is not None,
               "ratio_to_plain_two_way_cfg": ratios, "ratio_of_medians": ratios_median,
               "target_4ref_three_way_ratio": 1.6,
               "floor": {**components, "explains": (

@@ -1,6 +1,7 @@
 """Per-step cost of Infinite-ID's two streams vs plain CFG sampling (tiny models on CPU; full-size when a GPU is lent).
 
-  python bench/infinite_id_bench.py [--full] [--steps N] [--repeats R] [--out bench/results/infinite_id_<device>.json]
+  python bench/infinite_id_bench.py [--full | --geometry dry] [--steps N] [--repeats R] [--families sdxl,flux]
+                                    [--out bench/results/infinite_id_<device>.json]
 
 Variants, each sampled with CFG (cond + uncond batched; FLUX: cfg 1 = cond only, as FLUX is used):
   plain           the model alone
@@ -11,10 +12,13 @@ Timings: median over the steps of one run of the wall time (and of this process'
 callbacks, then the fastest of the repeats; variants are interleaved within each repeat. Two streams double the batch, so up to ~2x per step is the expected cost; mixed
 attention adds a second, twice-as-long self-attention for the text rows on top.
 
---full builds full-size randomly initialised SDXL (320 ch, 70 transformer blocks, ctx 2048) and FLUX.1
-(3072 hidden, 19+38 blocks) with ComfyUI's classes in bf16 on the GPU (needs ~40 GB for FLUX).
+--full builds the real SDXL (320 ch, 70 transformer blocks, ctx 2048) and FLUX.1-dev (3072 hidden, 19+38 blocks)
+architectures with random weights (bench/builders.py; fp16 SDXL and bf16 FLUX on a GPU, ~30 GB for FLUX); SD1.5 is
+skipped at full size (the paper's model is SDXL). ``--geometry dry``: the same layouts at tiny widths. Peak memory
+on CUDA: torch.cuda.max_memory_allocated during sampling (weights included), the maximum over repeats.
 """
 import argparse
+import collections
 import json
 import os
 import platform
@@ -22,16 +26,19 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+sys.path.insert(0, HERE)
 import embedded_comfy  # noqa: E402,F401  (boots ComfyUI and loads the pack)
 
 import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 
+import builders  # noqa: E402
 from idportrait.guidance import infinite_id as I  # noqa: E402
-from idportrait.guidance import ip_adapter as IP  # noqa: E402
-from idportrait.stand_ins import models as tm  # noqa: E402
+from idportrait.guidance.run_state import Trace  # noqa: E402
+tm = builders.tm
 
 VARIANTS = {
     "plain": None,
@@ -41,30 +48,7 @@ VARIANTS = {
 }
 
 
-def full_model(family, dtype):
-    return tm.full_size_model(family, dtype)
-
-
-def adapter_for(model, family, token_dim, ctx_dim):
-    dm = model.model.diffusion_model
-    if family == "flux":
-        a = IP.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
-    else:
-        a = IP.SDIdentityAdapter(token_dim, ctx_dim, IP.SDIdentityAdapter.inner_dims_of(dm))
-    return tm.randomize_(a, 1)
-
-
-def conditioning(family, ctx_dim, vec_dim, seed):
-    g = torch.Generator().manual_seed(seed)
-    extra = {}
-    if family in ("sdxl", "flux"):
-        extra["pooled_output"] = torch.randn(1, vec_dim, generator=g)
-    if family == "flux":
-        extra["guidance"] = 3.5
-    return [[torch.randn(1, 77 if family != "flux" else 256, ctx_dim, generator=g), extra]]
-
-
-def step_time(model, family, steps, size, ctx_dim, vec_dim):
+def step_time(model, family, geometry, steps, size):
     """Median wall s/step, median CPU s/step of this process, mean wall s/step (after the first step) of one run."""
     dev = mm.get_torch_device()
     stamps = []
@@ -76,8 +60,10 @@ def step_time(model, family, steps, size, ctx_dim, vec_dim):
     lat = torch.zeros(1, tm.latent_channels(family), size // 8, size // 8)
     noise = comfy.sample.prepare_noise(lat, 0)
     cfg = 1.0 if family == "flux" else 5.0
-    comfy.sample.sample(model, noise, steps + 1, cfg, "euler", "simple", conditioning(family, ctx_dim, vec_dim, 1),
-                        conditioning(family, ctx_dim, vec_dim, 2), lat, callback=cb, disable_pbar=True)
+    out = comfy.sample.sample(model, noise, steps + 1, cfg, "euler", "simple", builders.conditioning(family, geometry, 1),
+                              builders.conditioning(family, geometry, 2), lat, callback=cb, disable_pbar=True)
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{family}: the sampled latent is not finite")
     wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     return statistics.median(wall), statistics.median(cpu), statistics.fmean(wall)
@@ -85,71 +71,71 @@ def step_time(model, family, steps, size, ctx_dim, vec_dim):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--full", action="store_true", help="same as --geometry full")
+    ap.add_argument("--geometry", choices=builders.GEOMETRIES, default="tiny")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--families", default="sd15,sdxl,flux")
     ap.add_argument("--size", type=int, help="image size in px (default 128 tiny, 1024 full)")
     ap.add_argument("--out")
     a = ap.parse_args()
+    geometry = "full" if a.full else a.geometry
+    a.full = geometry == "full"
     dev = mm.get_torch_device()
-    dtype = torch.bfloat16 if (a.full and dev.type == "cuda") else torch.float32
     results = {"device": str(torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "load_average_at_start": os.getloadavg(), "torch": torch.__version__, "full_size": a.full,
-               "dtype": str(dtype), "steps": a.steps, "sampler": "euler", "cfg": "5 (sd15/sdxl), 1 (flux)", "repeats": a.repeats, "runs": []}
+               "geometry": geometry, "steps": a.steps, "sampler": "euler", "cfg": "5 (sd15/sdxl), 1 (flux)", "repeats": a.repeats, "runs": []}
+    out = a.out or os.path.join(HERE, "results",
+                                f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
     for family in a.families.split(","):
         if a.full and family == "sd15":
             continue
-        model = full_model(family, dtype) if a.full else tm.tiny_model(family, 0)
+        model = builders.diffusion_model(family, geometry)
         size = a.size or (1024 if a.full else 128)
-        if a.full:
-            ctx_dim, vec_dim = (2048, 1280) if family == "sdxl" else (4096, 768)
-        else:
-            ctx_dim = vec_dim = tm.TEXT_WIDTH
-        token_dim = 1280 if a.full else 32
-        adapter = adapter_for(model, family, token_dim, ctx_dim)
+        token_dim = builders.omni_id_config(geometry).token_dim
+        adapter = builders.identity_adapter(model, family, token_dim, builders.dims(family, geometry)[0])
         tokens = torch.randn(1, 256, token_dim, generator=torch.Generator().manual_seed(3))
-        run = {"family": family, "size_px": size}
+        run = {"family": family, "size_px": size, "dtype": str(model.model.get_dtype()),
+               "parameters": builders.count_parameters(model.model.diffusion_model)}
         models = {name: model if opts is None else I.apply_infinite_id(model, adapter, tokens, **opts)
                   for name, opts in VARIANTS.items()}
         walls = {name: [] for name in VARIANTS}
         cpus = {name: [] for name in VARIANTS}
         means = {name: [] for name in VARIANTS}
+        calls_per_run = {}
         for _ in range(a.repeats):   # variants interleaved, so a change of machine load hits all of them alike
             for name, m in models.items():
-                if VARIANTS[name] is not None:   # count the model calls of one sampling run
-                    calls = I.stream_calls_of(m).calls
-                    calls.update({k: 0 for k in calls})
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                w, c, mean = step_time(m, family, a.steps, size, ctx_dim, vec_dim)
+                with Trace() as trace:   # the model calls of one sampling run, by kind (opt-in trace)
+                    w, c, mean = step_time(m, family, geometry, a.steps, size)
+                calls_per_run[name] = dict(collections.Counter(e["kind"] for e in trace.of("infinite_id.call")))
                 walls[name].append(w)
                 cpus[name].append(c)
                 means[name].append(mean)
                 if dev.type == "cuda":
-                    run[f"{name}_peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+                    run[f"{name}_peak_mem_bytes"] = max(run.get(f"{name}_peak_mem_bytes", 0),
+                                                        torch.cuda.max_memory_allocated())
         for name in VARIANTS:
             # the fastest repeat: the least disturbed by other processes on a shared machine
             run[f"{name}_step_s"] = min(walls[name])
             run[f"{name}_cpu_step_s"] = min(cpus[name])
             run[f"{name}_mean_step_s"] = min(means[name])   # differs from the median when steps differ (end_at)
             if VARIANTS[name] is not None:
-                run[f"{name}_model_calls_per_run"] = dict(I.stream_calls_of(models[name]).calls)
+                run[f"{name}_model_calls_per_run"] = calls_per_run[name]
         for name in VARIANTS:
             if name != "plain":
                 run[f"{name}_vs_plain"] = run[f"{name}_step_s"] / run["plain_step_s"]
                 run[f"{name}_cpu_vs_plain"] = run[f"{name}_cpu_step_s"] / run["plain_cpu_step_s"]
                 run[f"{name}_mean_vs_plain"] = run[f"{name}_mean_step_s"] / run["plain_mean_step_s"]
         results["runs"].append(run)
-        print(json.dumps(run))
-        del model
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"infinite_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
+        print(json.dumps(run), flush=True)
+        builders.write_json(out, results)
+        del model, models, adapter
+        builders.release()
     results["load_average_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    builders.write_json(out, results)
     print("wrote", out)
 
 

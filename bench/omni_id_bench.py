@@ -1,10 +1,16 @@
-"""Per-step cost of Omni-ID injection vs the plain model (tiny models on CPU; full-size when a GPU is lent).
+"""Per-step cost of Omni-ID injection vs the plain model, and peak memory.
 
-  python bench/omni_id_bench.py [--full] [--steps N] [--out bench/results/omni_id_<device>.json]
+  python bench/omni_id_bench.py [--full | --geometry dry] [--families sd15,sdxl,flux] [--steps N] [--rounds R]
+                                [--size PX] [--out bench/results/omni_id_<device>[_full].json]
 
---full builds full-size randomly initialised SD1.5 (320 ch, ctx 768) and FLUX.1 (3072 hidden, 19+38 blocks)
-architectures with ComfyUI's classes (needs a GPU with ~40 GB for FLUX in bf16). Timings are the median of
-per-step wall times of the diffusion model call (cond+uncond batched), after one warm-up step.
+Geometries (bench/builders.py): tiny stand-ins (default), ``dry`` (real layouts at tiny widths, the GPU script's CPU
+dry run) or ``--full`` (the real SD1.5 / SDXL / FLUX.1-dev architectures with random weights; fp16 SD and bf16 FLUX
+on a GPU, fp32 on the CPU; FLUX needs ~30 GB in bf16). The identity is 256 tokens of width 1280 at full size (the
+paper's encoder output). Timings: the median of per-step times between sampler callbacks (cond + uncond
+batched; FLUX at cfg 1, one row) after one warm-up step, wall time on CUDA and process CPU time on one thread on
+the CPU (--threads); plain and Omni-ID runs alternate for ``--rounds`` rounds so
+a change of machine load hits both, and the fastest round's median is kept (the least disturbed). Peak memory on
+CUDA: ``torch.cuda.max_memory_allocated`` during each sampling run (the maximum over rounds).
 """
 import argparse
 import json
@@ -13,87 +19,102 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 import embedded_comfy  # noqa: E402,F401  (boots ComfyUI and loads the pack)
 
 import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
+import comfy.sample  # noqa: E402
 
+import builders  # noqa: E402
 from idportrait.guidance import ip_adapter as IP  # noqa: E402
 from idportrait.guidance.patching import apply_injector  # noqa: E402
-from idportrait.stand_ins import models as tm  # noqa: E402
 
 
-def full_model(family, dtype):
-    return tm.full_size_model(family, dtype)
-
-
-def adapter_for(model, family, token_dim):
-    dm = model.model.diffusion_model
-    if family == "flux":
-        a = IP.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
-    else:
-        ctx = 768 if dm.model_channels == 320 else tm.TEXT_WIDTH
-        a = IP.SDIdentityAdapter(token_dim, ctx, IP.SDIdentityAdapter.inner_dims_of(dm))
-    return tm.randomize_(a, 1)
-
-
-def step_times(model, family, steps, size, ctx_dim, vec_dim, dtype):
-    times = []
+def step_times(model, family, geometry, steps, size):
+    """Median seconds per step of one sampling run (after the first step): wall and this process's CPU time; and
+    the CUDA peak bytes."""
     dev = mm.get_torch_device()
+    times, cpu = [], []
 
     def cb(*a):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    g = torch.Generator().manual_seed(0)
-    cond = [[torch.randn(1, 77 if family != "flux" else 256, ctx_dim, generator=g),
-             {"pooled_output": torch.randn(1, vec_dim, generator=g), "guidance": 3.5} if family == "flux" else {}]]
+        cpu.append(time.process_time())
+    cond = builders.conditioning(family, geometry, seed=0)
     lat = torch.zeros(1, 16 if family == "flux" else 4, size // 8, size // 8)
-    import comfy.sample
     noise = comfy.sample.prepare_noise(lat, 0)
-    comfy.sample.sample(model, noise, steps + 1, 1.0 if family == "flux" else 5.0, "euler", "simple", cond, cond, lat,
-                        callback=cb, disable_pbar=True)
-    diffs = [b - a for a, b in zip(times, times[1:])]
-    return statistics.median(diffs[1:] if len(diffs) > 2 else diffs)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = comfy.sample.sample(model, noise, steps + 1, 1.0 if family == "flux" else 5.0, "euler", "simple", cond, cond,
+                              lat, callback=cb, disable_pbar=True)
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{family}: the sampled latent is not finite")
+    def med(ts):
+        diffs = [b - a for a, b in zip(ts, ts[1:])]
+        return statistics.median(diffs[1:] if len(diffs) > 2 else diffs)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    return med(times), med(cpu), peak
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--full", action="store_true", help="same as --geometry full")
+    ap.add_argument("--geometry", choices=builders.GEOMETRIES, default="tiny")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved plain / Omni-ID repetitions")
     ap.add_argument("--out")
-    ap.add_argument("--families", default="sd15,flux", help="comma list (FLUX full size needs ~48 GB in fp32)")
-    ap.add_argument("--size", type=int, default=0, help="image size (default 512 SD / 1024 FLUX full, 128 tiny)")
+    ap.add_argument("--families", default="sd15,flux", help="comma list (FLUX full size needs ~30 GB in bf16)")
+    ap.add_argument("--size", type=int, default=0, help="image size (default 512 SD1.5 / 1024 SDXL, FLUX full, 128)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU timings are process CPU time)")
     a = ap.parse_args()
+    geometry = "full" if a.full else a.geometry
+    full = geometry == "full"
     dev = mm.get_torch_device()
-    dtype = torch.bfloat16 if (a.full and dev.type == "cuda") else torch.float32
-    results = {"device": str(torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"), "full_size": a.full,
-               "dtype": str(dtype), "runs": []}
+    if dev.type == "cpu":
+        torch.set_num_threads(a.threads)
+    cuda = dev.type == "cuda"
+    results = {"device": str(torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"), "geometry": geometry,
+               "full_size": full, "steps": a.steps, "rounds": a.rounds,
+               "torch_threads": None if cuda else torch.get_num_threads(),
+               "sampler": "euler/simple, cfg 5 (SD) / 1 (FLUX)",
+               "note": ("step_s: the fastest round's median s/step, wall time on CUDA, this process's CPU time on "
+                        "the CPU (one thread: a busy shared machine inflates wall time, not CPU time); rounds "
+                        "alternate plain and Omni-ID"), "runs": []}
+    out = a.out or os.path.join(HERE, "results", f"omni_id_{'gpu' if dev.type == 'cuda' else 'cpu'}"
+                                                 f"{'_full' if full else ''}.json")
     for family in a.families.split(","):
-        model = full_model(family, dtype) if a.full else tm.tiny_model(family, 0)
-        size = a.size or ((512 if family == "sd15" else 1024) if a.full else 128)
-        ctx_dim, vec_dim = ((768, 768) if family == "sd15" else (4096, 768)) if a.full else (tm.TEXT_WIDTH, tm.TEXT_WIDTH)
-        token_dim = 1280 if a.full else 32
-        tokens = torch.randn(1, 256, token_dim)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        plain = step_times(model, family, a.steps, size, ctx_dim, vec_dim, dtype)
-        peak_plain = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-        inj = IP.IdentityInjector(adapter_for(model, family, token_dim), tokens, family, weight=1.0)
-        patched = apply_injector(model, inj)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with_id = step_times(patched, family, a.steps, size, ctx_dim, vec_dim, dtype)
-        peak_id = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-        results["runs"].append({"family": family, "size": size, "plain_step_s": plain, "omni_id_step_s": with_id,
-                                "ratio": with_id / plain, "peak_mem_plain": peak_plain, "peak_mem_omni_id": peak_id})
-        print(json.dumps(results["runs"][-1]))
-        del model, patched
-    out = a.out or os.path.join(os.path.dirname(__file__), "results",
-                                f"omni_id_{'gpu' if dev.type == 'cuda' else 'cpu'}{'_full' if a.full else ''}.json")
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+        model = builders.diffusion_model(family, geometry)
+        size = a.size or (((512 if family == "sd15" else 1024) if full else 128))
+        ctx_dim = builders.dims(family, geometry)[0]
+        token_dim = builders.omni_id_config(geometry).token_dim
+        tokens = torch.randn(1, 256, token_dim, generator=torch.Generator().manual_seed(3))
+        adapter = builders.identity_adapter(model, family, token_dim, ctx_dim)
+        patched = apply_injector(model, IP.IdentityInjector(adapter, tokens, family, weight=1.0))
+        variants = {"plain": model, "omni_id": patched}
+        step = {n: [] for n in variants}
+        wall = {n: [] for n in variants}
+        peak = {n: [] for n in variants}
+        for _ in range(a.rounds):   # interleaved: noise on a shared machine hits both variants alike
+            for name, m in variants.items():
+                w, c, p = step_times(m, family, geometry, a.steps, size)
+                step[name].append(w if cuda else c)
+                wall[name].append(w)
+                peak[name].append(p)
+        plain, with_id = min(step["plain"]), min(step["omni_id"])
+        results["runs"].append({"family": family, "size": size, "parameters": builders.count_parameters(
+            model.model.diffusion_model), "dtype": str(model.model.get_dtype()), "plain_step_s": plain,
+            "omni_id_step_s": with_id, "ratio": with_id / plain, "plain_step_s_rounds": step["plain"],
+            "omni_id_step_s_rounds": step["omni_id"], "plain_wall_s_rounds": wall["plain"],
+            "omni_id_wall_s_rounds": wall["omni_id"],
+            **{f"peak_mem_{n}": (max(peak[n]) if cuda else None) for n in variants}})
+        print(json.dumps(results["runs"][-1]), flush=True)
+        builders.write_json(out, results)
+        del model, patched, variants, adapter
+        builders.release()
+    print("wrote", out)
 
 
 if __name__ == "__main__":

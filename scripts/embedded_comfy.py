@@ -22,12 +22,12 @@ import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level down
 COMFY_ROOT = os.environ.get("COMFY_ROOT", os.path.expanduser("~/.cache/idportrait-comfy"))
-COMFY_DIR = os.path.join(COMFY_ROOT, "ComfyUI")
+COMFY_DIR = os.environ.get("COMFY_DIR") or os.path.join(COMFY_ROOT, "ComfyUI")   # COMFY_DIR: a tree without a venv
 COMFY_PYTHON = os.path.join(COMFY_ROOT, "venv", "bin", "python")
 PACK_NAME = "idportrait"
 
 if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
-    raise RuntimeError(f"No ComfyUI at {COMFY_DIR}: run scripts/install_comfy.sh first (or set COMFY_ROOT)")
+    raise RuntimeError(f"No ComfyUI at {COMFY_DIR}: run scripts/install_comfy.sh first (or set COMFY_ROOT or COMFY_DIR)")
 
 if COMFY_DIR not in sys.path:
     sys.path.insert(0, COMFY_DIR)

@@ -34,9 +34,11 @@ SDXL_ADM_EXTRA = 6 * 256  # SDXL's size/crop embeddings appended to the pooled t
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
     """Seeded init. comfy.ops layers are created with torch.empty, so they must be filled explicitly.
 
-    Norm scales are set to 1 and norm biases to 0 so activations keep a sane scale through depth.
+    Norm scales are set to 1 and norm biases to 0 so activations keep a sane scale through depth. Values are
+    drawn where each parameter lives (one generator per device): full-size weights on a GPU never pass
+    through the CPU; on the CPU the weights are those of every earlier run with the same seed.
     """
-    g = torch.Generator().manual_seed(seed)
+    gens = {}
     with torch.no_grad():
         for name, p in module.named_parameters():
             is_norm = "norm" in name.lower() or name.endswith(".scale")
@@ -44,8 +46,12 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.n
                 p.fill_(1.0)
             elif p.ndim == 1 and is_norm:
                 p.zero_()
-            else:
+            elif p.device.type == "cpu":
+                g = gens.setdefault(p.device, torch.Generator().manual_seed(seed))
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).mul_(std))
     return module
 
 

@@ -10,7 +10,6 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.supported_models as sm
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
 import harness  # noqa: F401
@@ -131,17 +130,7 @@ def test_feature_points_resolve_to_dift_layers_and_fail_clearly():
         with torch.device("meta"):   # full-size architectures without allocating weights
             m = cfg.get_model({}, "")
         return comfy.model_patcher.ModelPatcher(m, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    common = {"in_channels": 4, "out_channels": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-              "use_temporal_resblock": False, "use_temporal_attention": False, "use_checkpoint": False,
-              "model_channels": 320}
-    sd15 = meta_model(sm.SD15({**common, "use_linear_in_transformer": False, "adm_in_channels": None,
-                               "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-                               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-                               "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "context_dim": 768}))
-    sdxl = meta_model(sm.SDXL({**common, "use_linear_in_transformer": True, "adm_in_channels": 2816,
-                               "num_classes": "sequential", "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-                               "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
-                               "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048}))
+    sd15, sdxl = meta_model(tm.FULL_SIZE["sd15"]()), meta_model(tm.FULL_SIZE["sdxl"]())   # the real architectures
     # DIFT up_ft_index=1 on SD1.5 = output of output_blocks.5 = input of output_blocks.6; SDXL's 1/16 point = .2
     assert RG.resolve_feature_point(sd15) == RG.FeaturePoint("sd15", "up:1", output_index=6)
     assert RG.resolve_feature_point(sdxl) == RG.FeaturePoint("sdxl", "up:0", output_index=3)
