@@ -57,8 +57,8 @@ def _box_inputs(box) -> list:
     names = ("face_x1", "face_y1", "face_x2", "face_y2")
     return [io.Float.Input(n, default=v, min=0.0, max=1.0, step=0.01,
                            tooltip="Face box as fractions of the image (x1, y1, x2, y2). All zero = no position "
-                                   "constraint. The released model fills a square of side max(x2−y1, y2−y1) from "
-                                   "(x1, y1) into its 5th input channel.")
+                                   "constraint. The released model fills a square of side max(x2−x1, y2−y1) pixels "
+                                   "from (x1, y1) into its 5th input channel.")
             for n, v in zip(names, box)]
 
 

@@ -211,7 +211,7 @@ def test_face_box_editor_drives_flashface_box_and_mask(page):
     mask = ff.face_position_mask(box, (96, 96))          # 768 px canvas, as the released demo
     ys, xs = mask.nonzero(as_tuple=True)
     px = [int(v * 768) for v in box]
-    side = max(px[2] - px[1], px[3] - px[1])             # released: face_bbox[2] - face_bbox[1]
+    side = max(px[2] - px[0], px[3] - px[1])             # released (fff0f078): max(x2 - x1, y2 - y1)
     assert (xs.min().item() * 8, ys.min().item() * 8) == pytest.approx((px[0], px[1]), abs=8)
     assert (ys.max().item() + 1) * 8 == pytest.approx(min(768, px[1] + side), abs=8)
     assert ours(page.idp_errors) == []
