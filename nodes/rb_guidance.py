@@ -33,7 +33,9 @@ def _guidance_inputs() -> list:
     return [
         io.Vae.Input("vae", tooltip="The VAE of this model; encodes the reference image(s)."),
         io.Float.Input("p", default=energy.P_STRENGTH, min=0.0, max=1000.0, step=0.1,
-                       tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling)."),
+                       tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling). "
+                               "8.5 is the paper's value with match = euclidean and reduction = sum (Eq. 7-8 as "
+                               "written); with reduction = mean the same pull needs a much smaller p (see reduction)."),
         io.Float.Input("u", default=energy.U_START, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance runs for t <= u*T: the last u of the noise schedule (0.6 = the paper). "
                                "Earlier steps are plain CFG."),
@@ -41,6 +43,23 @@ def _guidance_inputs() -> list:
                      tooltip="Noise level of the reference pass on the 1000-step scale (671 = the paper), converted "
                              "to the model's own sigma."),
         io.String.Input("feature_point", default=rb_guidance.FEATURE_AUTO, tooltip=_FEATURE_TIP),
+    ]
+
+
+def _energy_inputs() -> list:
+    """Eq. 7 / Eq. 8 as written, or the alternatives. Optional and last: widgets_values of workflows saved before
+    these inputs existed keep their positions (nodes/migrations.py gives those workflows their old cosine/mean)."""
+    return [
+        io.Combo.Input("match", optional=True, options=list(energy.MATCHES), default="euclidean",
+                       tooltip="How each reference face point finds its generated point. euclidean: the smallest L2 "
+                               "feature distance (the paper's Eq. 7). cosine: the highest cosine similarity (DIFT's "
+                               "own matching). The score is the cosine either way."),
+        io.Combo.Input("reduction", optional=True, options=list(energy.REDUCTIONS), default="sum",
+                       tooltip="How the pair scores form S in E = p / (1 + S). sum (the paper's Eq. 8): S grows with "
+                               "the number N of reference face points, so p = 8.5 is the paper's strength for its "
+                               "face sizes and the pull weakens roughly as 1/N on larger faces. mean: S in [0, 1], "
+                               "the same p whatever the face size; about (1+N·s)²/(N(1+s)²) times the sum's pull "
+                               "(~30x at 150 points), so use a p about that much smaller (~0.3 for the paper's 8.5)."),
     ]
 
 
@@ -74,18 +93,19 @@ def _identity(reference, reference_mask=None, region_mask=None, region_box="", t
 
 
 def build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, identities, ensemble=1,
-                 ref_seed=0, normalize_mask=False) -> rb_guidance.RBGuider:
+                 ref_seed=0, normalize_mask=False, match="euclidean", reduction="sum") -> rb_guidance.RBGuider:
     if not identities:
         raise rb_guidance.RBGuidanceError("connect a reference image (or identities from 'RB-Guidance Identity')")
     settings = rb_guidance.RBSettings(p=float(p), u=float(u), t0=float(t0), feature_point=feature_point, ensemble=int(ensemble),
-                             ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask))
+                             ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask), match=match or "euclidean",
+                             reduction=reduction or "sum")
     guider = rb_guidance.RBGuider(model, identities, vae, settings)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     if settings.p != 0:
         guider.prepare_references()   # encode references and find their faces now: errors show on this node
-    log.info("RB-Guidance guider: %d identities, p=%g, u=%g, t0=%g, features at %s", len(identities), settings.p,
-             settings.u, settings.t0, guider.point.name)
+    log.info("RB-Guidance guider: %d identities, p=%g (%s, %s), u=%g, t0=%g, features at %s", len(identities),
+             settings.p, settings.match, settings.reduction, settings.u, settings.t0, guider.point.name)
     return guider
 
 
@@ -150,18 +170,18 @@ class RBGuidanceGuider(io.ComfyNode):
                                          "never empty (not in the paper; helps weak attention)."),
                 IdentitiesType.Input("more_identities", optional=True,
                                      tooltip="Further people (from 'RB-Guidance Identity'), each with its own region."),
-            ],
+            ] + _energy_inputs(),
             outputs=[io.Guider.Output(display_name="GUIDER")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, vae, p, u, t0, feature_point, reference=None, reference_mask=None,
                 region_mask=None, region_box="", token_index=-1, reference_mask_source="auto", ensemble=1, ref_seed=0,
-                normalize_mask=False, more_identities=None) -> io.NodeOutput:
+                normalize_mask=False, more_identities=None, match="euclidean", reduction="sum") -> io.NodeOutput:
         ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
                        region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
         return io.NodeOutput(build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble,
-                                          ref_seed, normalize_mask))
+                                          ref_seed, normalize_mask, match, reduction))
 
 
 def _latent_size_mask(guider: rb_guidance.RBGuider, samples: torch.Tensor) -> torch.Tensor:
@@ -196,7 +216,7 @@ class RBGuidanceSampler(io.ComfyNode):
                 io.Boolean.Input("normalize_mask", optional=True, default=False,
                                  tooltip="Min-max normalise the attention mask before the threshold."),
                 IdentitiesType.Input("more_identities", optional=True, tooltip="Further people, each with its region."),
-            ],
+            ] + _energy_inputs(),
             outputs=[io.Latent.Output(display_name="LATENT"), io.Mask.Output(display_name="MGEN_MASK")],
         )
 
@@ -204,10 +224,11 @@ class RBGuidanceSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, vae,
                 p, u, t0, feature_point, reference=None, reference_mask=None, region_mask=None, region_box="",
                 token_index=-1, reference_mask_source="auto", ensemble=1, normalize_mask=False,
-                more_identities=None) -> io.NodeOutput:
+                more_identities=None, match="euclidean", reduction="sum") -> io.NodeOutput:
         ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
                        region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
-        guider = build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble, 0, normalize_mask)
+        guider = build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble, 0, normalize_mask,
+                              match, reduction)
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))

@@ -241,3 +241,26 @@ def test_old_ui_workflow_loads_and_runs_in_the_frontend(page, server):
         time.sleep(0.5)
     assert new[0]["status"]["status_str"] == "success"
     assert ours(page.idp_errors) == []
+
+
+def test_rb_guidance_workflow_saved_before_match_and_reduction_keeps_cosine_and_mean(page):
+    """The web extension's copy of nodes/migrations.py ADDED_INPUTS: an old UI workflow gets the old values on load
+    in the real frontend, a current one keeps its own."""
+    from idportrait.nodes import migrations as M
+    mirror = page.evaluate("() => window.__IDPORTRAIT__.ADDED_INPUTS")
+    assert mirror == {k: {"oldWidgets": a.old_widgets, "values": a.values} for k, a in M.ADDED_INPUTS.items()}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy", "rb_guidance_ui_v0.2.0.json")) as f:
+        ui = json.load(f)
+    read = """() => Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('IDP_RBGuidance'))
+        .map(n => [n.type, Object.fromEntries(n.widgets.filter(w => ['match', 'reduction', 'p'].includes(w.name))
+                                                   .map(w => [w.name, w.value]))]))"""
+    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
+    page.wait_for_timeout(300)
+    got = page.evaluate(read)
+    want = {"match": "cosine", "reduction": "mean", "p": 8.5}
+    assert got == {"IDP_RBGuidanceGuider": want, "IDP_RBGuidanceSampler": want}
+    with open(os.path.join(harness.REPO, "example_workflows", "flux_rb_guidance.json")) as f:
+        page.evaluate("(wf) => app.loadGraphData(wf)", json.load(f))
+    page.wait_for_timeout(300)
+    assert page.evaluate(read)["IDP_RBGuidanceGuider"] == {"match": "euclidean", "reduction": "sum", "p": 8.5}
+    assert ours(page.idp_errors) == []

@@ -77,11 +77,15 @@ class RBSettings:
     alpha: float = energy.ALPHA
     beta: float = energy.BETA
     normalize_mask: bool = False      # min-max A_hat before beta (never-empty safety net, not the paper)
-    metric: str = "cosine"
-    reduction: str = "mean"
+    match: str = "euclidean"          # Eq. 7 as written; "cosine": DIFT's matching
+    reduction: str = "sum"            # Eq. 8 as written; "mean": p independent of the face size
     scale: float = 1.0                # multiplier on the Eq. 11 term (1 = paper)
 
     def validate(self):
+        if self.match not in energy.MATCHES:
+            raise RBGuidanceError(f"match must be one of {', '.join(energy.MATCHES)}, got {self.match!r}")
+        if self.reduction not in energy.REDUCTIONS:
+            raise RBGuidanceError(f"reduction must be one of {', '.join(energy.REDUCTIONS)}, got {self.reduction!r}")
         if not 0.0 <= self.u <= 1.0:
             raise RBGuidanceError(f"u must be in [0, 1], got {self.u}")
         if not 0.0 < self.t0 < 1000.0:
@@ -319,7 +323,7 @@ class RBGuider(comfy.samplers.CFGGuider):
             guides = [energy.IdentityGuide(ref.ref_feat.to(z.device), ref.ref_mask.to(z.device), gm.to(z.device))
                       for ref, gm in zip(run["refs"], gen_masks)]
             with torch.enable_grad():
-                res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, metric=s.metric,
+                res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, match=s.match,
                                                       reduction=s.reduction)
         self.last_gen_masks = [gm.detach().cpu() for gm in gen_masks]
         self.trace.append(StepTrace(float(timestep.flatten()[0]), True, res.energy.cpu(), res.s_hat.cpu(), res.valid.cpu(),
