@@ -1,5 +1,6 @@
-"""OmniPortrait RB-Guidance nodes: a GUIDER for SamplerCustomAdvanced, a KSampler-style node, identities
-for several people in one image, and a preview of the generated-face mask M_gen.
+"""OmniPortrait nodes: RB-Guidance as a GUIDER for SamplerCustomAdvanced and as a KSampler-style node, identities
+for several people in one image, a preview of the generated-face mask M_gen, and the Pivot ID encoder (loader and
+text encode: e_mix in the prompt, whose cross-attention RB-Guidance takes M_gen from).
 
 Thin adapters: the guider and all math live in guidance/rb_guidance/.
 """
@@ -13,15 +14,21 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import latent_preview
 
 from ..guidance import rb_guidance
 from ..guidance.rb_guidance import energy
+from .folders import register_model_folder
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "identity_portrait/rb_guidance"
 IdentitiesType = io.Custom("RB_IDENTITIES")
+PivotIDType = io.Custom("PIVOT_ID")
+PIVOT_FOLDER = "pivot_id"
+
+register_model_folder(PIVOT_FOLDER, {".safetensors", ".sft"})
 
 _FEATURE_TIP = ("Where the diffusion (DIFT) features are read. 'auto': SD1.5/SDXL the up-block output at 1/16 of the "
                 "image (SD1.5 up:1, SDXL up:0), FLUX after the last double block. Others: 'mid', 'up:i' (UNet), "
@@ -267,4 +274,65 @@ class RBGuidanceMaskPreview(io.ComfyNode):
         return io.NodeOutput(_latent_size_mask(guider, samples["samples"]))
 
 
-NODES = [RBGuidanceIdentity, RBGuidanceGuider, RBGuidanceSampler, RBGuidanceMaskPreview]
+class PivotIDLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_PivotIDLoader", display_name="Load Pivot ID Encoder (IDP)", category=CATEGORY,
+            description=("OmniPortrait's Pivot ID encoder (its alignment layer e_mix = Linear([e_ref; e_txt])) from "
+                         "models/pivot_id: the pivot_id.safetensors the pack's trainer exports (stage 'pivot'). No "
+                         "weights are public. Use it with 'Pivot ID Text Encode (IDP)'."),
+            inputs=[io.Combo.Input("pivot_file", options=folder_paths.get_filename_list(PIVOT_FOLDER),
+                                   tooltip="A Pivot ID file in models/pivot_id.")],
+            outputs=[PivotIDType.Output(display_name="PIVOT_ID")],
+        )
+
+    @classmethod
+    def execute(cls, pivot_file: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(PIVOT_FOLDER, pivot_file)
+        return io.NodeOutput(rb_guidance.load_pivot_model(path))
+
+
+class PivotIDTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_PivotIDTextEncode", display_name="Pivot ID Text Encode (IDP)", category=CATEGORY,
+            description=("CLIP Text Encode with OmniPortrait's identity pivot: the class word of the prompt ('woman', "
+                         "'man') is replaced by e_mix = Linear([e_ref; e_txt]) from the reference face, as in the paper "
+                         "(Sec. 3.2). Connect the CONDITIONING as the positive prompt of the RB-Guidance nodes: with no "
+                         "region box or mask there, M_gen comes from the cross-attention of e_mix (Eq. 6)."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the SD1.5/SDXL model the Pivot ID weights were trained for."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="portrait photo of a woman",
+                                tooltip="The prompt; it must contain the class word."),
+                PivotIDType.Input("pivot_id", tooltip="From 'Load Pivot ID Encoder (IDP)'."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="The CLIP vision model the Pivot ID weights were trained with (the paper: "
+                                            "OpenCLIP ViT-L/14; a fine-tuned trunk: the run's "
+                                            "clip_vision_finetuned.safetensors). A warning says when it is not."),
+                io.Image.Input("reference", tooltip="The reference face (a crop, e.g. from 'Detect & Align Faces'); "
+                                                    "several images are averaged."),
+                io.String.Input("class_word", default="",
+                                tooltip="The prompt word e_mix replaces. Empty: the word the weights were trained on."),
+                io.Int.Input("occurrence", default=0, min=0, max=16,
+                             tooltip="Which appearance of the class word (0 = the first); two people of one class "
+                                     "word: 0 and 1."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="To add a second person: the output of another Pivot ID Text Encode of "
+                                              "the same text. Each person's e_mix guides its own RB-Guidance identity."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING"),
+                     io.Int.Output(display_name="token_index")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, pivot_id, clip_vision, reference, class_word="", occurrence=0,
+                conditioning=None) -> io.NodeOutput:
+        cond, index = rb_guidance.pivot_conditioning(clip, text, pivot_id, clip_vision, reference, class_word,
+                                                     occurrence, conditioning)
+        return io.NodeOutput(cond, index)
+
+
+NODES = [RBGuidanceIdentity, RBGuidanceGuider, RBGuidanceSampler, RBGuidanceMaskPreview, PivotIDLoader,
+         PivotIDTextEncode]
