@@ -8,6 +8,7 @@ architecture it is applied to.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,7 +21,7 @@ import comfy.utils
 
 from ..errors import OmniIDError
 from ..face.types import rgb_images
-from ..omni_encoder import weights
+from ..omni_encoder import trunk_identity, weights
 from ..omni_encoder.baselines import CLIPTokensEncoder
 from ..omni_encoder.encoder import OmniIDConfig
 from . import ip_adapter
@@ -147,6 +148,7 @@ def encode_faces(m: OmniIDModel, clip_vision, images: torch.Tensor, crop: bool) 
     images = rgb_images(images, "Omni-ID Encode", "connect one or more face images of the same person", error=OmniIDError)
     if clip_vision is None:
         raise OmniIDError(f"the {m.encoder_type} encoder needs CLIP vision tokens: connect a CLIP_VISION model (ViT-H/14)")
+    warn_if_other_trunk(m, clip_vision)
     pbar = comfy.utils.ProgressBar(images.shape[0] + 1)
     toks = []
     for i in range(images.shape[0]):   # one image at a time: bounded memory for large reference sets
@@ -181,3 +183,15 @@ def encode_arcface(m: OmniIDModel, embeddings: torch.Tensor, clip_vision=None,
                                  for i in range(faces.shape[0])])[None].float()
     tokens = run_encoder(m.encoder, clip_tokens=clip_tokens, arcface=embeddings[None].float())
     return Identity(tokens.to(mm.intermediate_device()).float(), [int(embeddings.shape[0])], m.encoder_type)
+
+
+def warn_if_other_trunk(m: OmniIDModel, clip_vision) -> Optional[str]:
+    """Logs (and returns) a warning when ``clip_vision`` is not the CLIP trunk the weights were trained with (their
+    ``trunk_*`` metadata, omni_encoder.trunk_identity): a fine-tuned trunk must be loaded in place of CLIP-H."""
+    if m.meta is None or clip_vision is None or not hasattr(clip_vision, "model"):
+        return None
+    msg = trunk_identity.trunk_mismatch(m.meta.extra, clip_vision.model.state_dict(),
+                                        weights=f"the Omni-ID weights {m.source or ''}".rstrip())
+    if msg:
+        logging.getLogger(__name__).warning(msg)
+    return msg

@@ -57,8 +57,8 @@ def _box_inputs(box) -> list:
     names = ("face_x1", "face_y1", "face_x2", "face_y2")
     return [io.Float.Input(n, default=v, min=0.0, max=1.0, step=0.01,
                            tooltip="Face box as fractions of the image (x1, y1, x2, y2). All zero = no position "
-                                   "constraint. The released model fills a square of side max(x2−y1, y2−y1) from "
-                                   "(x1, y1) into its 5th input channel.")
+                                   "constraint. The released model fills a square of side max(x2−x1, y2−y1) pixels "
+                                   "from (x1, y1) into its 5th input channel.")
             for n, v in zip(names, box)]
 
 
@@ -107,8 +107,10 @@ class FlashFaceEncodeReferences(io.ComfyNode):
                 io.Image.Input("faces", tooltip="Photos of one person, one face each (a batch)."),
                 io.Vae.Input("vae", tooltip="The VAE of the model the references are for (SD1.5's for FlashFace)."),
                 io.Combo.Input("crop", options=["detect", "pre-cropped"], default="detect",
-                               tooltip="detect: find the largest face (RetinaFace), crop its box and level the eyes, "
-                                       "as the released code does. pre-cropped: use the images as they are."),
+                               tooltip="detect: as the released code does, find the face (RetinaFace on the photo "
+                                       "padded to 640 px, score > 0.6), crop its rounded box and level the eyes; a "
+                                       "photo with several faces uses the largest (the release asks for one). "
+                                       "pre-cropped: use the images as they are."),
                 io.Int.Input("size", default=RELEASED["face_size"], min=64, max=1024, step=8,
                              tooltip="Face size in pixels after padding to a square (224 for the released model)."),
                 io.Int.Input("pad_to", default=RELEASED["num_refs"], min=0, max=64,
@@ -122,6 +124,38 @@ class FlashFaceEncodeReferences(io.ComfyNode):
     def execute(cls, faces, vae, crop: str, size: int, pad_to: int) -> io.NodeOutput:
         refs, prepared = flashface.encode_references(faces, vae, crop, size, pad_to)
         return io.NodeOutput(refs, prepared)
+
+
+class FlashFaceTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_FlashFaceTextEncode",
+            display_name="FlashFace Text Encode (IDP)",
+            category=CATEGORY,
+            description=("Positive and negative prompts for FlashFace, as CLIP Text Encode encodes them; optionally "
+                         "with the released demo's fixed postfixes ('best quality, masterpiece, ...' and its long "
+                         "negative list) and its 77-token limit."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The SD1.5 CLIP (FlashFace uses SD1.5's text encoder unchanged)."),
+                io.String.Input("positive", multiline=True, dynamic_prompts=True, default="",
+                                tooltip="Positive prompt; include an age word ('young woman'), as the authors advise."),
+                io.String.Input("negative", multiline=True, dynamic_prompts=True, default="",
+                                tooltip="Negative prompt (also the reference pass context)."),
+                io.Boolean.Input("released_postfixes", default=False,
+                                 tooltip="Append the released demo's postfixes to both prompts (the negative postfix "
+                                         "alone when the negative is empty) and keep the first 77 tokens, as its "
+                                         "tokenizer does. Off: the prompts as written, any length."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, clip, positive: str, negative: str, released_postfixes: bool = False) -> io.NodeOutput:
+        if released_postfixes:
+            positive, negative = flashface.with_released_postfixes(positive, negative)
+        return io.NodeOutput(flashface.encode_prompt(clip, positive, released_postfixes),
+                             flashface.encode_prompt(clip, negative, released_postfixes))
 
 
 class FlashFaceMixReferences(io.ComfyNode):
@@ -273,4 +307,4 @@ class FlashFaceTrainingFreeApply(io.ComfyNode):
 
 
 NODES = [FlashFaceLoader, FlashFaceEncodeReferences, FlashFaceMixReferences, FlashFaceApply, FlashFaceSampler,
-         FlashFaceTrainingFreeApply]
+         FlashFaceTrainingFreeApply, FlashFaceTextEncode]

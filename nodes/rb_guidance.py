@@ -1,5 +1,6 @@
-"""OmniPortrait RB-Guidance nodes: a GUIDER for SamplerCustomAdvanced, a KSampler-style node, identities
-for several people in one image, and a preview of the generated-face mask M_gen.
+"""OmniPortrait nodes: RB-Guidance as a GUIDER for SamplerCustomAdvanced and as a KSampler-style node, identities
+for several people in one image, a preview of the generated-face mask M_gen, and the Pivot ID encoder (loader and
+text encode: e_mix in the prompt, whose cross-attention RB-Guidance takes M_gen from).
 
 Thin adapters: the guider and all math live in guidance/rb_guidance/.
 """
@@ -13,15 +14,21 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import latent_preview
 
 from ..guidance import rb_guidance
 from ..guidance.rb_guidance import energy
+from .folders import register_model_folder
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "identity_portrait/rb_guidance"
 IdentitiesType = io.Custom("RB_IDENTITIES")
+PivotIDType = io.Custom("PIVOT_ID")
+PIVOT_FOLDER = "pivot_id"
+
+register_model_folder(PIVOT_FOLDER, {".safetensors", ".sft"})
 
 _FEATURE_TIP = ("Where the diffusion (DIFT) features are read. 'auto': SD1.5/SDXL the up-block output at 1/16 of the "
                 "image (SD1.5 up:1, SDXL up:0), FLUX after the last double block. Others: 'mid', 'up:i' (UNet), "
@@ -33,7 +40,9 @@ def _guidance_inputs() -> list:
     return [
         io.Vae.Input("vae", tooltip="The VAE of this model; encodes the reference image(s)."),
         io.Float.Input("p", default=energy.P_STRENGTH, min=0.0, max=1000.0, step=0.1,
-                       tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling)."),
+                       tooltip="Strength p of the energy E = p / (1 + S). 0 turns the guidance off (plain sampling). "
+                               "8.5 is the paper's value with match = euclidean and reduction = sum (Eq. 7-8 as "
+                               "written); with reduction = mean the same pull needs a much smaller p (see reduction)."),
         io.Float.Input("u", default=energy.U_START, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance runs for t <= u*T: the last u of the noise schedule (0.6 = the paper). "
                                "Earlier steps are plain CFG."),
@@ -41,6 +50,23 @@ def _guidance_inputs() -> list:
                      tooltip="Noise level of the reference pass on the 1000-step scale (671 = the paper), converted "
                              "to the model's own sigma."),
         io.String.Input("feature_point", default=rb_guidance.FEATURE_AUTO, tooltip=_FEATURE_TIP),
+    ]
+
+
+def _energy_inputs() -> list:
+    """Eq. 7 / Eq. 8 as written, or the alternatives. Optional and last: widgets_values of workflows saved before
+    these inputs existed keep their positions (nodes/migrations.py gives those workflows their old cosine/mean)."""
+    return [
+        io.Combo.Input("match", optional=True, options=list(energy.MATCHES), default="euclidean",
+                       tooltip="How each reference face point finds its generated point. euclidean: the smallest L2 "
+                               "feature distance (the paper's Eq. 7). cosine: the highest cosine similarity (DIFT's "
+                               "own matching). The score is the cosine either way."),
+        io.Combo.Input("reduction", optional=True, options=list(energy.REDUCTIONS), default="sum",
+                       tooltip="How the pair scores form S in E = p / (1 + S). sum (the paper's Eq. 8): S grows with "
+                               "the number N of reference face points, so p = 8.5 is the paper's strength for its "
+                               "face sizes and the pull weakens roughly as 1/N on larger faces. mean: S in [0, 1], "
+                               "the same p whatever the face size; about (1+N·s)²/(N(1+s)²) times the sum's pull "
+                               "(~30x at 150 points), so use a p about that much smaller (~0.3 for the paper's 8.5)."),
     ]
 
 
@@ -74,18 +100,19 @@ def _identity(reference, reference_mask=None, region_mask=None, region_box="", t
 
 
 def build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, identities, ensemble=1,
-                 ref_seed=0, normalize_mask=False) -> rb_guidance.RBGuider:
+                 ref_seed=0, normalize_mask=False, match="euclidean", reduction="sum") -> rb_guidance.RBGuider:
     if not identities:
         raise rb_guidance.RBGuidanceError("connect a reference image (or identities from 'RB-Guidance Identity')")
     settings = rb_guidance.RBSettings(p=float(p), u=float(u), t0=float(t0), feature_point=feature_point, ensemble=int(ensemble),
-                             ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask))
+                             ref_seed=int(ref_seed), normalize_mask=bool(normalize_mask), match=match or "euclidean",
+                             reduction=reduction or "sum")
     guider = rb_guidance.RBGuider(model, identities, vae, settings)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     if settings.p != 0:
         guider.prepare_references()   # encode references and find their faces now: errors show on this node
-    log.info("RB-Guidance guider: %d identities, p=%g, u=%g, t0=%g, features at %s", len(identities), settings.p,
-             settings.u, settings.t0, guider.point.name)
+    log.info("RB-Guidance guider: %d identities, p=%g (%s, %s), u=%g, t0=%g, features at %s", len(identities),
+             settings.p, settings.match, settings.reduction, settings.u, settings.t0, guider.point.name)
     return guider
 
 
@@ -150,18 +177,18 @@ class RBGuidanceGuider(io.ComfyNode):
                                          "never empty (not in the paper; helps weak attention)."),
                 IdentitiesType.Input("more_identities", optional=True,
                                      tooltip="Further people (from 'RB-Guidance Identity'), each with its own region."),
-            ],
+            ] + _energy_inputs(),
             outputs=[io.Guider.Output(display_name="GUIDER")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, vae, p, u, t0, feature_point, reference=None, reference_mask=None,
                 region_mask=None, region_box="", token_index=-1, reference_mask_source="auto", ensemble=1, ref_seed=0,
-                normalize_mask=False, more_identities=None) -> io.NodeOutput:
+                normalize_mask=False, more_identities=None, match="euclidean", reduction="sum") -> io.NodeOutput:
         ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
                        region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
         return io.NodeOutput(build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble,
-                                          ref_seed, normalize_mask))
+                                          ref_seed, normalize_mask, match, reduction))
 
 
 def _latent_size_mask(guider: rb_guidance.RBGuider, samples: torch.Tensor) -> torch.Tensor:
@@ -196,7 +223,7 @@ class RBGuidanceSampler(io.ComfyNode):
                 io.Boolean.Input("normalize_mask", optional=True, default=False,
                                  tooltip="Min-max normalise the attention mask before the threshold."),
                 IdentitiesType.Input("more_identities", optional=True, tooltip="Further people, each with its region."),
-            ],
+            ] + _energy_inputs(),
             outputs=[io.Latent.Output(display_name="LATENT"), io.Mask.Output(display_name="MGEN_MASK")],
         )
 
@@ -204,10 +231,11 @@ class RBGuidanceSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, vae,
                 p, u, t0, feature_point, reference=None, reference_mask=None, region_mask=None, region_box="",
                 token_index=-1, reference_mask_source="auto", ensemble=1, normalize_mask=False,
-                more_identities=None) -> io.NodeOutput:
+                more_identities=None, match="euclidean", reduction="sum") -> io.NodeOutput:
         ids = _collect(reference, more_identities, reference_mask=reference_mask, region_mask=region_mask,
                        region_box=region_box, token_index=token_index, reference_mask_source=reference_mask_source)
-        guider = build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble, 0, normalize_mask)
+        guider = build_guider(model, positive, negative, cfg, vae, p, u, t0, feature_point, ids, ensemble, 0, normalize_mask,
+                              match, reduction)
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -246,4 +274,65 @@ class RBGuidanceMaskPreview(io.ComfyNode):
         return io.NodeOutput(_latent_size_mask(guider, samples["samples"]))
 
 
-NODES = [RBGuidanceIdentity, RBGuidanceGuider, RBGuidanceSampler, RBGuidanceMaskPreview]
+class PivotIDLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_PivotIDLoader", display_name="Load Pivot ID Encoder (IDP)", category=CATEGORY,
+            description=("OmniPortrait's Pivot ID encoder (its alignment layer e_mix = Linear([e_ref; e_txt])) from "
+                         "models/pivot_id: the pivot_id.safetensors the pack's trainer exports (stage 'pivot'). No "
+                         "weights are public. Use it with 'Pivot ID Text Encode (IDP)'."),
+            inputs=[io.Combo.Input("pivot_file", options=folder_paths.get_filename_list(PIVOT_FOLDER),
+                                   tooltip="A Pivot ID file in models/pivot_id.")],
+            outputs=[PivotIDType.Output(display_name="PIVOT_ID")],
+        )
+
+    @classmethod
+    def execute(cls, pivot_file: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(PIVOT_FOLDER, pivot_file)
+        return io.NodeOutput(rb_guidance.load_pivot_model(path))
+
+
+class PivotIDTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDP_PivotIDTextEncode", display_name="Pivot ID Text Encode (IDP)", category=CATEGORY,
+            description=("CLIP Text Encode with OmniPortrait's identity pivot: the class word of the prompt ('woman', "
+                         "'man') is replaced by e_mix = Linear([e_ref; e_txt]) from the reference face, as in the paper "
+                         "(Sec. 3.2). Connect the CONDITIONING as the positive prompt of the RB-Guidance nodes: with no "
+                         "region box or mask there, M_gen comes from the cross-attention of e_mix (Eq. 6)."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the SD1.5/SDXL model the Pivot ID weights were trained for."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="portrait photo of a woman",
+                                tooltip="The prompt; it must contain the class word."),
+                PivotIDType.Input("pivot_id", tooltip="From 'Load Pivot ID Encoder (IDP)'."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="The CLIP vision model the Pivot ID weights were trained with (the paper: "
+                                            "OpenCLIP ViT-L/14; a fine-tuned trunk: the run's "
+                                            "clip_vision_finetuned.safetensors). A warning says when it is not."),
+                io.Image.Input("reference", tooltip="The reference face (a crop, e.g. from 'Detect & Align Faces'); "
+                                                    "several images are averaged."),
+                io.String.Input("class_word", default="",
+                                tooltip="The prompt word e_mix replaces. Empty: the word the weights were trained on."),
+                io.Int.Input("occurrence", default=0, min=0, max=16,
+                             tooltip="Which appearance of the class word (0 = the first); two people of one class "
+                                     "word: 0 and 1."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="To add a second person: the output of another Pivot ID Text Encode of "
+                                              "the same text. Each person's e_mix guides its own RB-Guidance identity."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING"),
+                     io.Int.Output(display_name="token_index")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, pivot_id, clip_vision, reference, class_word="", occurrence=0,
+                conditioning=None) -> io.NodeOutput:
+        cond, index = rb_guidance.pivot_conditioning(clip, text, pivot_id, clip_vision, reference, class_word,
+                                                     occurrence, conditioning)
+        return io.NodeOutput(cond, index)
+
+
+NODES = [RBGuidanceIdentity, RBGuidanceGuider, RBGuidanceSampler, RBGuidanceMaskPreview, PivotIDLoader,
+         PivotIDTextEncode]

@@ -272,6 +272,45 @@ def wf_sd15_rb_guidance():
     return g
 
 
+CLIP_L = "CLIP-ViT-L-14-laion2B-s32B-b82K.safetensors"
+CLIP_L_URL = "https://huggingface.co/laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+
+
+def wf_sd15_rb_guidance_pivot_id():
+    g = {"note": note("OmniPortrait as in the paper (SD1.5): the Pivot ID encoder puts e_mix = Linear([e_ref; e_txt]) "
+                      "into the prompt in place of the class word ('woman'), and RB-Guidance takes the generated face "
+                      "region M_gen from the cross-attention of e_mix (no region box needed) and follows the gradient "
+                      "of the DIFT feature-matching energy for t <= u*T (Eq. 7-8 as written: euclidean, sum).\n"
+                      "No Pivot ID weights are public: train them with the pack's trainer (README, 'Training', stage "
+                      "pivot) and put export/pivot_id.safetensors into models/pivot_id. CLIP vision: the model the "
+                      f"weights were trained with ({CLIP_L}, OpenCLIP ViT-L/14, as in the paper, in "
+                      "models/clip_vision; with a fine-tuned trunk, the run's clip_vision_finetuned.safetensors).")}
+    g["ckpt"] = sd15_checkpoint()
+    reference = detect_align(g, "align", load_faces(g))
+    g["cvl"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_L},
+                "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
+                               "models": [{"name": CLIP_L, "url": CLIP_L_URL, "directory": "clip_vision"}]}}
+    g["pivot"] = {"type": "IDP_PivotIDLoader", "inputs": {"pivot_file": "pivot_id_sd15.safetensors"},
+                  "properties": {"idportrait_stand_in_file": {"folder": "pivot_id"}}}
+    g["pos"] = {"type": "IDP_PivotIDTextEncode", "inputs": {
+        "clip": ("ckpt", 1), "text": "portrait photo of a woman in a garden", "pivot_id": ("pivot", 0),
+        "clip_vision": ("cvl", 0), "reference": reference, "class_word": "woman", "occurrence": 0}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    g["latent"] = {"type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1},
+                   "properties": small(**CI_SIZE)}
+    g["rb"] = {"type": "IDP_RBGuidanceSampler", "inputs": {
+        "model": ("ckpt", 0), "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+        "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("latent", 0), "denoise": 1.0,
+        "vae": ("ckpt", 2), "p": 8.5, "u": 0.6, "t0": 671, "feature_point": "auto", "reference": reference,
+        "match": "euclidean", "reduction": "sum"},
+        "properties": small(steps=3), "size": [360, 760]}
+    g["decode"] = {"type": "VAEDecode", "inputs": {"samples": ("rb", 0), "vae": ("ckpt", 2)}}
+    g["save"] = {"type": "SaveImage", "inputs": {"images": ("decode", 0), "filename_prefix": "sd15_rb_guidance_pivot_id"}}
+    g["mgen"] = {"type": "MaskToImage", "inputs": {"mask": ("rb", 1)}}
+    g["preview"] = {"type": "PreviewImage", "inputs": {"images": ("mgen", 0)}}
+    return g
+
+
 def wf_flux_rb_guidance():
     g = {"note": note("OmniPortrait RB-Guidance on FLUX: a GUIDER for SamplerCustomAdvanced. For the last u of the noise "
                       "schedule it follows the gradient of a DIFT feature-matching energy between the generated face "
@@ -368,6 +407,7 @@ WORKFLOWS = {
     "face_metrics": wf_face_metrics,
     "sdxl_infinite_id": wf_sdxl_infinite_id,
     "sd15_rb_guidance_pivot": wf_sd15_rb_guidance,
+    "sd15_rb_guidance_pivot_id": wf_sd15_rb_guidance_pivot_id,
     "flux_rb_guidance": wf_flux_rb_guidance,
     "flashface_sd15_face_box": wf_flashface_sd15,
     "flux_training_free_reference_attention": wf_flux_reference_attention,

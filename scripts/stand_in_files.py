@@ -133,11 +133,24 @@ def write_ip_adapter_full_face(path: str, seed: int = 5) -> str:
     return path
 
 
+# ------------------------------------------------------------------------------------------ Pivot ID
+
+def write_pivot_id(path: str, seed: int = 0, class_word: str = "woman", std: float = 0.2, metadata=None) -> str:
+    """A Pivot ID file in the trainer's format (proj.weight / proj.bias + metadata) for the tiny SD1.5 stand-in:
+    e_ref from the tiny CLIP vision (projection width TEXT_WIDTH), e_txt from the tiny CLIP (TEXT_WIDTH)."""
+    from idportrait.omni_encoder.pivot_id import PivotIDEncoder, save_pivot_encoder
+    from idportrait.stand_ins import models as tm
+    enc = randomize(PivotIDEncoder(tm.TEXT_WIDTH, tm.TEXT_WIDTH, identity_init=False), seed, std)
+    save_pivot_encoder(path, enc, {"base_family": "sd15", "class_word": class_word, **(metadata or {})})
+    return path
+
+
 # ------------------------------------------------------------------------------------------ per workflow
 
 STAND_IN_WRITERS = {"omni_id": lambda spec, path: write_omni_id_weights(spec["family"], path),
                     "flashface": lambda spec, path: write_flashface(path),
-                    "ipadapter": lambda spec, path: write_ip_adapter_full_face(path)}
+                    "ipadapter": lambda spec, path: write_ip_adapter_full_face(path),
+                    "pivot_id": lambda spec, path: write_pivot_id(path)}
 
 
 def prepare_files(ui: dict, base_dir: str, image_for: Optional[Callable[[str], Optional[np.ndarray]]] = ci_image_for):

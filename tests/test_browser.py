@@ -211,7 +211,7 @@ def test_face_box_editor_drives_flashface_box_and_mask(page):
     mask = ff.face_position_mask(box, (96, 96))          # 768 px canvas, as the released demo
     ys, xs = mask.nonzero(as_tuple=True)
     px = [int(v * 768) for v in box]
-    side = max(px[2] - px[1], px[3] - px[1])             # released: face_bbox[2] - face_bbox[1]
+    side = max(px[2] - px[0], px[3] - px[1])             # released (fff0f078): max(x2 - x1, y2 - y1)
     assert (xs.min().item() * 8, ys.min().item() * 8) == pytest.approx((px[0], px[1]), abs=8)
     assert (ys.max().item() + 1) * 8 == pytest.approx(min(768, px[1] + side), abs=8)
     assert ours(page.idp_errors) == []
@@ -240,4 +240,27 @@ def test_old_ui_workflow_loads_and_runs_in_the_frontend(page, server):
         assert time.time() < deadline, "the old workflow did not run"
         time.sleep(0.5)
     assert new[0]["status"]["status_str"] == "success"
+    assert ours(page.idp_errors) == []
+
+
+def test_rb_guidance_workflow_saved_before_match_and_reduction_keeps_cosine_and_mean(page):
+    """The web extension's copy of nodes/migrations.py ADDED_INPUTS: an old UI workflow gets the old values on load
+    in the real frontend, a current one keeps its own."""
+    from idportrait.nodes import migrations as M
+    mirror = page.evaluate("() => window.__IDPORTRAIT__.ADDED_INPUTS")
+    assert mirror == {k: {"oldWidgets": a.old_widgets, "values": a.values} for k, a in M.ADDED_INPUTS.items()}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy", "rb_guidance_ui_v0.2.0.json")) as f:
+        ui = json.load(f)
+    read = """() => Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('IDP_RBGuidance'))
+        .map(n => [n.type, Object.fromEntries(n.widgets.filter(w => ['match', 'reduction', 'p'].includes(w.name))
+                                                   .map(w => [w.name, w.value]))]))"""
+    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
+    page.wait_for_timeout(300)
+    got = page.evaluate(read)
+    want = {"match": "cosine", "reduction": "mean", "p": 8.5}
+    assert got == {"IDP_RBGuidanceGuider": want, "IDP_RBGuidanceSampler": want}
+    with open(os.path.join(harness.REPO, "example_workflows", "flux_rb_guidance.json")) as f:
+        page.evaluate("(wf) => app.loadGraphData(wf)", json.load(f))
+    page.wait_for_timeout(300)
+    assert page.evaluate(read)["IDP_RBGuidanceGuider"] == {"match": "euclidean", "reduction": "sum", "p": 8.5}
     assert ours(page.idp_errors) == []

@@ -311,6 +311,41 @@ def test_three_way_guidance_equals_the_hand_combination_of_three_model_calls(ff_
     assert err < 1e-3 * c_term, (err, c_term)             # and the combination holds to float accuracy
 
 
+@pytest.mark.parametrize("rescale", [0.0, 0.5])
+def test_lambda_ref_zero_after_launch_is_two_way_cfg_of_the_lambda_feat_rows(ff_model, rescale):
+    """Released ``denoise`` with classifier = 0: its two-way branch with λ_feat in BOTH rows (references on)."""
+    r = refs(4)
+    g, lam, denoise = 7.5, 1.2, 0.3
+    pos, neg = cond(1), cond(2)
+    m = FF.apply_flashface(ff_model, r, FF.Guidance(lam, 0.0, launch=1000, lambda_before=0.85, rescale=rescale))
+    seen = {}
+
+    def post_cfg(args):
+        seen.update(x=args["input"].clone(), sigma=args["sigma"].clone())
+        return args["denoised"]
+    m.set_model_sampler_post_cfg_function(post_cfg)
+    got = run(m, steps=1, cfg=g, pos=pos, neg=neg, denoise=denoise)
+
+    def single(lambda_row, positive):   # separate model calls: cfg 1 runs the cond row only, λ_before on it
+        mm = FF.apply_flashface(ff_model, r, FF.Guidance(0.0, 0.0, launch=-1, lambda_before=lambda_row, rescale=0.0))
+        return run(mm, steps=1, cfg=1.0, pos=positive, neg=neg, denoise=denoise)
+
+    y, u = single(lam, pos), single(lam, neg)
+    expected = u + g * (y - u)
+    if rescale:
+        lf = ff_model.model.latent_format
+        x, s = seen["x"], seen["sigma"]
+        eps_out, eps_y = (x - lf.process_in(expected)) / s, (x - lf.process_in(y)) / s
+        ratio = eps_y.flatten(1).std(dim=1) / (eps_out.flatten(1).std(dim=1) + 1e-12)
+        expected = lf.process_out(x - s * eps_out * (rescale * ratio.view(-1, 1, 1, 1) + (1 - rescale)))
+    y0, u0 = single(0.0, pos), single(0.0, neg)
+    without_refs = u0 + g * (y0 - u0)               # what dropping the references (our old reading) gives
+    gap = (expected - without_refs).abs().max()
+    assert gap > 1e-3 * expected.abs().max()        # the two readings differ far above float noise
+    err = (got - expected).abs().max()
+    assert err < 1e-2 * gap, (err, gap)
+
+
 def test_reference_row_counts_as_cond_for_other_injectors():
     """The third chunk (label 2) carries ROLES_KEY = COND: an apply_to='cond' injector acts on it too."""
     class Rows(P.Injector):
@@ -500,9 +535,9 @@ def test_face_mask_is_the_fifth_channel_of_the_first_conv(ff_model):
     seen = []
     conv = ff_model.model.diffusion_model.input_blocks[0][0]
     h = conv.register_forward_pre_hook(lambda mod, a: seen.append(a[0].clone()))
-    # released construction at 128x128 px: box (32, 16, 64, 48) px, side max(64−16, 48−16) = 48 from (32, 16)
+    # released construction at 128x128 px: box (32, 16, 64, 48) px, side max(64−32, 48−16) = 32 from (32, 16)
     want = torch.zeros(SIZE, SIZE)
-    want[2:8, 4:10] = 1.0
+    want[2:6, 4:8] = 1.0
     mask_img = torch.zeros(1, SIZE * 8, SIZE * 8)
     mask_img[:, 40:80, 16:60] = 1.0
     try:
@@ -533,12 +568,34 @@ def test_face_mask_is_the_fifth_channel_of_the_first_conv(ff_model):
     assert torch.isfinite(out).all() and all(torch.equal(x[:, 4], torch.zeros_like(x[:, 4])) for x in seen)
 
 
-def test_face_position_mask_unit():
-    m = FF.face_position_mask((0.3, 0.2, 0.6, 0.5), (96, 96))   # 768 px: (230, 153, 460, 384)
-    side = max(460 - 153, 384 - 153)                             # released: face_bbox[2] - face_bbox[1]
-    canvas = torch.zeros(768, 768)
-    canvas[153:153 + side, 230:230 + side] = 1
-    assert torch.equal(m, canvas[::8, ::8])
+# Every face box of the released demo and notebook (ali-vilab/FlashFace@fff0f078, demo_gradio.py and
+# inference.ipynb), at the released 768 px, with its mask worked out by hand: pixels int(v·768), a square of side
+# max(x2−x1, y2−y1) from (x1, y1), then the latent cells i with 8·i inside the square's rows (j: columns).
+RELEASED_BOXES = [
+    # box                    x1, y1, x2, y2 px      side                  latent rows, cols (inclusive)
+    ((0.3, 0.1, 0.6, 0.4),   (230, 76, 460, 307),   231,   # max(230, 231): rows 76..306  cols 230..460
+     (10, 38), (29, 57)),
+    ((0.3, 0.2, 0.6, 0.5),   (230, 153, 460, 384),  231,   # max(230, 231): rows 153..383 cols 230..460
+     (20, 47), (29, 57)),
+    ((0.3, 0.2, 0.6, 0.6),   (230, 153, 460, 460),  307,   # max(230, 307): rows 153..459 cols 230..536
+     (20, 57), (29, 67)),
+    ((0.1, 0.1, 0.5, 0.5),   (76, 76, 384, 384),    308,   # max(308, 308): rows 76..383  cols 76..383
+     (10, 47), (10, 47)),
+]
+
+
+@pytest.mark.parametrize("box,px,side,rows,cols", RELEASED_BOXES, ids=[str(b[0]) for b in RELEASED_BOXES])
+def test_face_position_mask_of_every_released_box(box, px, side, rows, cols):
+    m = FF.face_position_mask(box, (96, 96))
+    want = torch.zeros(96, 96)
+    want[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = 1
+    assert torch.equal(m, want)
+    assert int(m[:, cols[0]].sum()) == rows[1] - rows[0] + 1   # e.g. 29 cells = 231 px, not the old 384 px
+
+
+def test_face_position_mask_no_box_and_errors():
+    assert torch.equal(FF.face_position_mask((0.0, 0.0, 0.0, 0.0), (96, 96)), torch.zeros(96, 96))   # notebook
+    assert torch.equal(FF.face_position_mask(None, (8, 8)), torch.zeros(8, 8))
     with pytest.raises(FF.FlashFaceError, match="0, 0, 0, 0 for no position constraint"):
         FF.face_position_mask((0.6, 0.2, 0.3, 0.5), (8, 8))
 

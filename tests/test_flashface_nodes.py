@@ -2,6 +2,7 @@
 loaded by the loader node from models/flashface, references encoded by the VAE, Apply (MODEL for KSampler,
 GUIDER for SamplerCustomAdvanced), the convenience sampler, and the training-free extension on SDXL/FLUX
 and on SD1.5 chained with a ControlNet."""
+import math
 import os
 import uuid
 
@@ -10,6 +11,8 @@ import safetensors.torch
 import torch
 
 import folder_paths
+import nodes
+import numpy as np
 
 import harness
 import idportrait.guidance.flashface_checkpoint as ffc
@@ -211,3 +214,103 @@ def test_crop_and_level_puts_the_eyes_on_one_row():
     blobs = [ys[xs < 50].float().mean(), ys[xs >= 50].float().mean()]
     assert abs(blobs[0] - blobs[1]) < 1.5, blobs           # levelled
     assert torch.equal(FF.crop_and_level(img, (10, 10, 110, 90), (40, 40), (80, 40)), img[10:90, 10:110])
+
+
+# --- reference preparation as released (ali-vilab/FlashFace@fff0f078: detect_face, crop_face, PadToSquare) ------
+
+@pytest.mark.parametrize("left,right,want", [
+    ((40, 40), (80, 60), math.degrees(math.atan(20 / 40))),     # right eye lower: turn counter-clockwise
+    ((40, 60), (80, 40), -math.degrees(math.atan(20 / 40))),    # right eye higher: clockwise
+    ((80, 40), (40, 60), math.degrees(math.atan(20 / 40))),     # eyes swapped: the release's law-of-cosines angle
+    ((50, 40), (50, 80), 0.0),                                  # one above the other, right lower: no turn
+    ((50, 80), (50, 40), -90.0),                                # ... right higher: a quarter turn
+    ((40, 40), (80, 40), 0.0),                                  # level
+])
+def test_released_eye_angle_by_hand(left, right, want):
+    assert FF.released_eye_angle(left, right) == pytest.approx(want, abs=1e-9)
+
+
+def test_crop_rounds_the_box_pads_outside_black_and_turns_as_pil():
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    img = (torch.randint(0, 256, (100, 120, 3), generator=g).float() / 255)
+    # bbox.round(): 10.5 -> 10 and 90.5 -> 90 (half to even), 9.6 -> 10, 110.4 -> 110; the box runs off the left
+    out = FF.crop_and_level(img, (-5.4, 9.6, 110.4, 90.5), (40, 40), (80, 40))
+    assert out.shape == (80, 115, 3)
+    assert torch.equal(out[:, :5], torch.zeros(80, 5, 3))               # outside the photo: black
+    assert torch.equal(out[:, 5:], img[10:90, 0:110])                   # level eyes: no turn, exact pixels
+    turned = FF.crop_and_level(img, (10.5, 10, 110, 90), (40, 40), (80, 60))
+    pil = Image.fromarray((img.numpy() * 255 + 0.5).astype("uint8")).crop((10, 10, 110, 90)).rotate(
+        math.degrees(math.atan(0.5)))                                   # nearest, about the centre, black fill
+    assert torch.equal(turned, torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255))
+    with pytest.raises(FF.FlashFaceError, match="empty face box"):
+        FF.crop_and_level(img, (10, 10, 10.2, 50), (0, 0), (1, 0))
+
+
+class _CanvasDetector:
+    """Records what it is given; returns faces at fixed places of the 640 px square."""
+
+    def __init__(self, boxes):
+        self.boxes, self.seen = boxes, []
+
+    def detect(self, rgb):
+        from idportrait.face.types import FaceDetection
+        self.seen.append(rgb.copy())
+        return [FaceDetection(bbox=np.array(b, np.float32), kps=np.array([[b[0] + 10, b[1] + 10]] * 5, np.float32),
+                              score=0.9) for b in self.boxes]
+
+
+def test_detection_runs_on_the_photo_padded_to_640_and_maps_back(caplog):
+    import logging
+    from PIL import Image
+    photo = (torch.arange(100 * 200 * 3) % 251).reshape(1, 100, 200, 3).float() / 255   # 200 x 100: scale 3.2
+    det = _CanvasDetector([(64, 224, 192, 352), (320, 192, 640, 480)])
+    found = FF.detect_as_released(photo[0], det)
+    canvas = det.seen[0]
+    pil = Image.fromarray((photo[0].numpy() * 255 + 0.5).astype("uint8")).resize((640, 320), Image.BICUBIC)
+    assert canvas.shape == (640, 640, 3) and np.array_equal(canvas[160:480], np.asarray(pil))
+    assert not canvas[:160].any() and not canvas[480:].any()            # centred black padding (get_padding)
+    # largest first; x / 3.2, (y - 160) / 3.2
+    np.testing.assert_allclose(found[0].bbox, [100, 10, 200, 100], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(found[1].bbox, [20, 20, 60, 60], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(found[1].kps[0], [(64 + 10) / 3.2, (224 + 10 - 160) / 3.2], rtol=0, atol=1e-4)
+    # two faces: the largest, with a warning (the release refuses the photo)
+    with caplog.at_level(logging.WARNING):
+        refs, prepared = FF.encode_references(photo, tm.tiny_vae("sd15"), "detect", 64, 0, detector=det)
+    assert "2 faces in reference image 1; using the largest" in caplog.text
+    want = FF.pad_to_square(FF.crop_and_level(photo[0], found[0].bbox, found[0].kps[0], found[0].kps[1])[None], 64)
+    assert torch.equal(prepared, want)
+    assert FF.DETECT_SIZE == 640 and FF.DETECT_SCORE == 0.6
+
+
+def test_released_detector_settings_and_real_photo():
+    fx = pytest.importorskip("face_fixtures")
+    pytest.importorskip("onnxruntime")
+    det = FF.references._released_detector()
+    assert (det.score_threshold, det.max_size) == (0.6, 640)
+    try:
+        photo = torch.from_numpy(fx.grace_hopper().copy()).float()[None] / 255.0
+    except ImportError as e:
+        pytest.skip(f"sample photo unavailable: {e}")
+    found = FF.detect_as_released(photo[0])
+    assert len(found) == 1 and found[0].score > 0.6                     # one face, as the release requires
+    x1, y1, x2, y2 = found[0].bbox
+    assert 0 <= x1 < x2 <= photo.shape[2] and 0 <= y1 < y2 <= photo.shape[1]   # in the photo's own pixels
+
+
+def test_text_encode_released_postfixes_are_off_by_default():
+    clip = tm.tiny_clip(0)
+    plain_pos, plain_neg = N.FlashFaceTextEncode.execute(clip, "a young woman", "").result
+    want = nodes.CLIPTextEncode().encode(clip, "a young woman")[0]
+    assert torch.equal(plain_pos[0][0], want[0][0])                     # off: CLIPTextEncode's conditioning
+    pos, neg = N.FlashFaceTextEncode.execute(clip, "a young woman", "", True).result
+    assert FF.with_released_postfixes("a young woman", "") == ("a young woman, " + FF.POSITIVE_POSTFIX,
+                                                               FF.NEGATIVE_POSTFIX)
+    assert FF.with_released_postfixes("a", "hat")[1] == "hat, " + FF.NEGATIVE_POSTFIX
+    want_pos = nodes.CLIPTextEncode().encode(clip, "a young woman, " + FF.POSITIVE_POSTFIX)[0]
+    assert torch.equal(pos[0][0], want_pos[0][0])
+    # the release keeps 77 tokens: a long negative prompt is cut to its first chunk
+    long_neg = ", ".join(["very blurry photo"] * 30)
+    cut = N.FlashFaceTextEncode.execute(clip, "a", long_neg, True).result[1]
+    full = N.FlashFaceTextEncode.execute(clip, "a", long_neg, False).result[1]
+    assert cut[0][0].shape[1] == 77 and full[0][0].shape[1] > 77

@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pytest
+import torch
 
 import execution
 import nodes
@@ -47,15 +48,74 @@ def test_old_ui_workflow_fails_unmigrated_and_converts_migrated():
     assert any("images" in o for o in ex.history_result["outputs"].values())
 
 
-@pytest.mark.server
-def test_old_api_prompt_runs_over_http(server):
-    resp = _post(server["url"] + "/prompt", {"prompt": load("tiny_sd15_api_v0.1.0.json"), "client_id": str(uuid.uuid4())})
+def run_over_http(server, prompt, timeout=180):
+    """POST the prompt, wait until it completed; its history entry."""
+    resp = _post(server["url"] + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
     assert resp["node_errors"] == {}
-    pid, deadline = resp["prompt_id"], time.time() + 120
+    pid, deadline = resp["prompt_id"], time.time() + timeout
     while True:
         hist = json.loads(_get(server["url"] + f"/history/{pid}")[1])
         if pid in hist and hist[pid]["status"].get("completed"):
-            break
+            return hist[pid]
         assert time.time() < deadline
         time.sleep(0.3)
-    assert hist[pid]["status"]["status_str"] == "success"
+
+
+@pytest.mark.server
+def test_old_api_prompt_runs_over_http(server):
+    assert run_over_http(server, load("tiny_sd15_api_v0.1.0.json"))["status"]["status_str"] == "success"
+
+
+# --- inputs added with a new default: RB-Guidance's match / reduction (paper's Eq. 7-8) -------------------
+
+def _rb_nodes(api):
+    return {k: v for k, v in api.items() if v["class_type"] in M.ADDED_INPUTS}
+
+
+def _rb_outputs(ex, api):
+    """The sampled latents of the RB-Guidance sampler node and of the guider's SamplerCustomAdvanced."""
+    ids = [k for k, v in api.items() if v["class_type"] in ("IDP_RBGuidanceSampler", "SamplerCustomAdvanced")]
+    return [harness.node_output(ex, k)["samples"] for k in sorted(ids)]
+
+
+def test_rb_guidance_saved_before_match_and_reduction_keeps_cosine_and_mean():
+    old = load("rb_guidance_api_v0.2.0.json")
+    assert len(_rb_nodes(old)) == 2 and all("match" not in n["inputs"] for n in _rb_nodes(old).values())
+    new = M.migrate_api_prompt(old)
+    for k, n in _rb_nodes(new).items():
+        assert (n["inputs"]["match"], n["inputs"]["reduction"]) == ("cosine", "mean")
+        assert "match" not in old[k]["inputs"]                              # the caller's prompt is not modified
+    # a hand-written prompt (no export: it lacks the normalize_mask widget) gets the paper's defaults, and a
+    # prompt that sets either input is left alone
+    hand = json.loads(json.dumps(old))
+    for n in _rb_nodes(hand).values():
+        n["inputs"].pop("normalize_mask")
+    assert M.migrate_api_prompt(hand) is hand
+    given = json.loads(json.dumps(old))
+    for n in _rb_nodes(given).values():
+        n["inputs"]["reduction"] = "sum"
+    assert M.migrate_api_prompt(given) is given
+    # the migration is what keeps an old workflow's result: unmigrated, it now runs Eq. 7-8 as written
+    kept = _rb_outputs(harness.run_workflow(new), new)
+    paper = _rb_outputs(harness.run_workflow(old), old)
+    assert all(not torch.allclose(a, b) for a, b in zip(kept, paper))
+
+
+def test_rb_guidance_ui_workflow_saved_before_match_and_reduction():
+    old = load("rb_guidance_ui_v0.2.0.json")
+    with pytest.raises(WorkflowFormatError, match="no value for widget 'match'"):
+        ui_to_api(old, node_defs)
+    api = ui_to_api(M.migrate_ui_workflow(old), node_defs)
+    want = M.migrate_api_prompt(load("rb_guidance_api_v0.2.0.json"))
+    assert {k: v["inputs"] for k, v in _rb_nodes(api).items()} == {k: v["inputs"] for k, v in _rb_nodes(want).items()}
+    # a workflow saved with the inputs (13 / 18 widget values) is not touched
+    again = M.migrate_ui_workflow(M.migrate_ui_workflow(old))
+    assert again == M.migrate_ui_workflow(old)
+
+
+@pytest.mark.server
+def test_rb_guidance_old_api_prompt_is_migrated_over_http(server):
+    entry = run_over_http(server, load("rb_guidance_api_v0.2.0.json"))
+    assert entry["status"]["status_str"] == "success"
+    ran = entry["prompt"][2]
+    assert all((n["inputs"]["match"], n["inputs"]["reduction"]) == ("cosine", "mean") for n in _rb_nodes(ran).values())

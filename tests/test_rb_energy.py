@@ -125,22 +125,29 @@ def test_hand_computed_s_hat_and_matches():
     def cos(a, b):
         return (a[0] * b[0] + a[1] * b[1]) / math.hypot(*a) / math.hypot(*b)
 
-    # cosine matching: r0 -> g0, r1 -> g1 (g3 would win but lies outside M_gen), r2 -> g2
+    # the defaults are Eq. 7 and Eq. 8 as written: Euclidean argmin, sum over the reference face points.
+    # r0 = (1, .2) -> g0 (L2 0.2); r1 = (-1, .1) -> g1 (L2 1.35 vs g0 2.0, g2 2.19); r2 = (.1, .12) -> g1
+    # (L2 0.886 vs g0 0.908, g2 1.26), though g2 has the best cosine; g3 lies outside M_gen
     m = rb.match_features(gen, ref, gen_mask, ref_mask)
-    assert m.ref_idx[0].tolist() == [0, 1, 2] and m.gen_idx[0].tolist() == [0, 1, 2]
-    want = ((cos((1, .2), (1, 0)) + 1) / 2 + (cos((-1, .1), (0, 1)) + 1) / 2 + (cos((.1, .12), (1, 1)) + 1) / 2) / 3
-    assert abs(m.s_hat.item() - want) < 1e-12
+    assert m.ref_idx[0].tolist() == [0, 1, 2] and m.gen_idx[0].tolist() == [0, 1, 1]
+    want_e = (cos((1, .2), (1, 0)) + 1) / 2 + (cos((-1, .1), (0, 1)) + 1) / 2 + (cos((.1, .12), (0, 1)) + 1) / 2
+    assert abs(m.s_hat.item() - want_e) < 1e-12
     assert m.valid.tolist() == [True]
-    # Euclidean matching (Eq. 7 as printed): r2 = (.1, .12) is nearest to g1 = (0, 1) by L2 distance
-    # (0.886 vs g0 0.908, g2 1.26), though g2 has the best cosine
-    me = rb.match_features(gen, ref, gen_mask, ref_mask, metric="euclidean")
-    assert me.gen_idx[0].tolist() == [0, 1, 1]
-    want_e = ((cos((1, .2), (1, 0)) + 1) / 2 + (cos((-1, .1), (0, 1)) + 1) / 2 + (cos((.1, .12), (0, 1)) + 1) / 2) / 3
-    assert abs(me.s_hat.item() - want_e) < 1e-12
-    # sum reduction = Eq. 8 as printed
-    ms = rb.match_features(gen, ref, gen_mask, ref_mask, reduction="sum")
-    assert abs(ms.s_hat.item() - 3 * want) < 1e-12
-    assert abs(rb.rb_energy(m.s_hat, p=8.5).item() - 8.5 / (1 + want)) < 1e-12
+    assert abs(rb.rb_energy(m.s_hat, p=8.5).item() - 8.5 / (1 + want_e)) < 1e-12     # Eq. 10
+    # cosine matching (DIFT's own): r2 -> g2; r1 -> g1 (g3 would win but lies outside M_gen)
+    mc = rb.match_features(gen, ref, gen_mask, ref_mask, match="cosine")
+    assert mc.gen_idx[0].tolist() == [0, 1, 2]
+    want_c = (cos((1, .2), (1, 0)) + 1) / 2 + (cos((-1, .1), (0, 1)) + 1) / 2 + (cos((.1, .12), (1, 1)) + 1) / 2
+    assert abs(mc.s_hat.item() - want_c) < 1e-12
+    # mean reduction: S_hat in [0, 1]
+    mm = rb.match_features(gen, ref, gen_mask, ref_mask, match="cosine", reduction="mean")
+    assert abs(mm.s_hat.item() - want_c / 3) < 1e-12
+    me = rb.match_features(gen, ref, gen_mask, ref_mask, reduction="mean")
+    assert abs(me.s_hat.item() - want_e / 3) < 1e-12
+    with pytest.raises(rb.RBGuidanceError, match="match must be one of"):
+        rb.match_features(gen, ref, gen_mask, ref_mask, match="l1")
+    with pytest.raises(rb.RBGuidanceError, match="reduction must be one of"):
+        rb.match_features(gen, ref, gen_mask, ref_mask, reduction="max")
 
 
 def test_s_hat_gradient_is_exact_and_ignores_argmin():
@@ -219,9 +226,12 @@ def test_identical_reference_gives_max_similarity_and_vanishing_gradient():
     f = _toy_feature_fn(seed=5)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5), dtype=DT)
     mask = _box(8, 8, 2, 7, 1, 6)
-    out = rb.rb_energy_grad(z, f, [rb.IdentityGuide(f(z), mask, mask)])
+    out = rb.rb_energy_grad(z, f, [rb.IdentityGuide(f(z), mask, mask)], match="cosine", reduction="mean")
     assert abs(out.s_hat.item() - 1.0) < 1e-12
     assert abs(out.energy.item() - 8.5 / 2) < 1e-11
+    n = int(mask.sum())                                # sum (the default): S = N reference points at most
+    out_sum = rb.rb_energy_grad(z, f, [rb.IdentityGuide(f(z), mask, mask)])
+    assert abs(out_sum.s_hat.item() - n) < 1e-10 and abs(out_sum.energy.item() - 8.5 / (1 + n)) < 1e-11
     assert out.matches[0].gen_idx[0].tolist() == out.matches[0].ref_idx[0].tolist()
     assert out.grad.abs().max() < 1e-10
     # a slightly different reference gives a clearly non-zero gradient (the tolerance is meaningful)
@@ -281,10 +291,10 @@ def test_gradient_descent_decreases_energy():
     z0 = z.clone()
     energies = []
     for _ in range(30):
-        out = rb.rb_energy_grad(z, f, [ident])
+        out = rb.rb_energy_grad(z, f, [ident], match="cosine", reduction="mean")
         energies.append(out.energy.item())
         z = z - 2.0 * out.grad
-    energies.append(rb.rb_energy_grad(z, f, [ident]).energy.item())
+    energies.append(rb.rb_energy_grad(z, f, [ident], match="cosine", reduction="mean").energy.item())
     assert all(b < a for a, b in zip(energies, energies[1:])), energies
     assert energies[-1] < energies[0] - 0.15, energies   # E lies in [p/2, p] = [4.25, 8.5]
     background = ~rb.resize_mask(ident.gen_mask, (16, 16))[:, None].expand_as(z).bool()

@@ -324,7 +324,8 @@ def test_two_identities_each_region_depends_only_on_its_own_reference(family):
     def run(ref_b_seed):
         ids = [RG.RBIdentity(_image(5), reference_mask=REF_MASK, region_mask=LEFT),
                RG.RBIdentity(_image(ref_b_seed), reference_mask=REF_MASK, region_mask=RIGHT)]
-        g = _rb(model, vae, ids, p=8.5, u=u)
+        # mean: a pull strong enough on these tiny faces to move the sampled output above float rounding
+        g = _rb(model, vae, ids, p=8.5, u=u, match="cosine", reduction="mean")
         g.record_grads = True
         out = _run(g, model, family)
         steps = [s for s in g.trace if s.guided]
@@ -345,6 +346,69 @@ def test_two_identities_each_region_depends_only_on_its_own_reference(family):
     inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     inside[4:12, 4:12] = True
     assert torch.all(grad[..., ~inside] == 0) and (grad[..., inside] != 0).any()
+
+
+def _eq7_to_10_by_hand(z, feats, ref_feat, gen_cells, ref_cells, p):
+    """Eq. 7-10 written out point by point (float64, explicit sums): for every reference face point its nearest
+    generated face point by Euclidean distance (Eq. 7), S = Σ (cos + 1) / 2 over the reference points (Eq. 8,
+    the matches lie in M_gen: Eq. 9), E = p / (1 + S) (Eq. 10) and dE/dz_t."""
+    gen, ref = feats[0].double(), ref_feat[0].double()
+    s, matches, cos_matches = 0.0, [], []
+    for (ri, rj) in ref_cells:
+        r = ref[:, ri, rj]
+        dist = [torch.sqrt(((r - gen[:, gi, gj]) ** 2).sum()).item() for gi, gj in gen_cells]
+        best = min(range(len(dist)), key=lambda k: (dist[k], k))
+        gv = gen[:, gen_cells[best][0], gen_cells[best][1]]
+        cos = (r * gv).sum() / torch.sqrt((r * r).sum()) / torch.sqrt((gv * gv).sum())
+        s = s + (cos + 1) / 2
+        matches.append(gen_cells[best])
+        cosines = [((r * gen[:, gi, gj]).sum() / r.norm() / gen[:, gi, gj].norm()).item() for gi, gj in gen_cells]
+        cos_matches.append(gen_cells[max(range(len(cosines)), key=lambda k: (cosines[k], -k))])
+    e = p / (1 + s)
+    (grad,) = torch.autograd.grad(e, z, retain_graph=True)
+    return s, e, grad, matches, cos_matches
+
+
+def test_guided_step_with_sum_and_euclidean_is_eq_7_to_10_by_hand(monkeypatch):
+    """The defaults are Eq. 7-8 as written: on the features the guider recorded at its first guided step,
+    S, E, the matches and the background-masked gradient equal the equations computed by hand."""
+    model, vae = _models("sd15")
+    seen = {}
+    real = rb.rb_energy_grad_from_features
+
+    def spy(z, feats, guides, **kw):
+        out = None
+        if not seen:   # the hand computation first: the guider's own backward frees the graph
+            g = guides[0]
+            seen["hand"] = _eq7_to_10_by_hand(z, feats, g.ref_feat, GEN_CELLS, REF_CELLS, kw["p"])
+            seen["kw"] = kw
+            out = real(z, feats, guides, **kw)
+            seen["out"] = out
+        return out if out is not None else real(z, feats, guides, **kw)
+    monkeypatch.setattr(RG.guider.energy, "rb_energy_grad_from_features", spy)
+    # SD1.5 'auto' = up:1, at 1/16 of the 128 px image: an 8x8 grid. Region box 32..96 px = cells 2..5,
+    # reference mask 16..112 px = cells 1..6 (exactly, so no resizing judgement enters the hand computation)
+    GEN_CELLS = [(i, j) for i in range(2, 6) for j in range(2, 6)]
+    REF_CELLS = [(i, j) for i in range(1, 7) for j in range(1, 7)]
+    g = _rb(model, vae, [_ident(region_mask=_box(32, 32, 96, 96))], p=8.5, u=0.6)
+    assert (g.settings.match, g.settings.reduction) == ("euclidean", "sum")
+    g.record_grads = True
+    _run(g, model, "sd15", steps=4)
+    step = next(s for s in g.trace if s.guided)
+    s_hand, e_hand, grad_hand, matches, cos_matches = seen["hand"]
+    assert seen["kw"]["match"] == "euclidean" and seen["kw"]["reduction"] == "sum"
+    assert s_hand.item() > 0.5 * len(REF_CELLS)                                 # a sum over 36 points, not a mean
+    torch.testing.assert_close(step.s_hat[0, 0].double(), s_hand.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(step.energy[0, 0].double(), e_hand.detach(), rtol=1e-5, atol=0)
+    got = [divmod(int(i), 8) for i in seen["out"].matches[0].gen_idx[0]]
+    assert got == matches
+    assert matches != cos_matches          # the features here tell Eq. 7 from DIFT's cosine matching
+    # Eq. 9 as the background gradient mask: dE/dz_t inside the region (latent cells 4..11), zero outside
+    latent = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    latent[4:12, 4:12] = True
+    want = grad_hand.float() * latent
+    assert torch.all(step.grad[..., ~latent] == 0)
+    torch.testing.assert_close(step.grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_reference_pass_once_per_run_and_guided_pass_once_per_guided_step():

@@ -193,3 +193,78 @@ def test_workflow_errors_are_clear():
     wf = guided("sd15", "err_point2", feature_point="single:3")       # a FLUX point on SD1.5
     with pytest.raises(harness.WorkflowError, match="does not exist on this sd15 UNet"):
         harness.run_workflow(wf)
+
+
+# --- OmniPortrait's Pivot ID encoder at sampling time: e_mix in the prompt, M_gen from its cross-attention ----
+
+def _pivot_file(name, seed, **meta):
+    import stand_in_files
+    d = stand_in_files.model_folder(harness.BASE_DIR, "pivot_id")
+    stand_in_files.write_pivot_id(os.path.join(d, name), seed, metadata=meta)
+    return name
+
+
+def pivot_wf(tag, pivot_file, positive=("22", 0), **extra):
+    """The guider with no region input: its identity's region comes from the positive conditioning's pivot token."""
+    wf = guided("sd15", tag, region="none", **extra)
+    wf["20"] = {"class_type": "IDP_PivotIDLoader", "inputs": {"pivot_file": pivot_file}}
+    wf["21"] = {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}}
+    wf["22"] = {"class_type": "IDP_PivotIDTextEncode", "inputs": {
+        "clip": ["1", 1], "text": "a photo of a woman", "pivot_id": ["20", 0], "clip_vision": ["21", 0],
+        "reference": ["8", 0], "class_word": "", "occurrence": 0}}
+    wf["10"]["inputs"]["positive"] = list(positive)
+    return wf
+
+
+def test_pivot_id_workflow_takes_m_gen_from_the_cross_attention_of_e_mix():
+    a, b = _pivot_file("pivot_a.safetensors", 1), _pivot_file("pivot_b.safetensors", 2)
+    ex = harness.run_workflow(pivot_wf("pivot_a", a))
+    mask_a, cond, index = harness.node_output(ex, "15"), harness.node_output(ex, "22"), harness.node_output(ex, "22", 1)
+    ex_plain = harness.run_workflow(pivot_wf("pivot_plain", a, positive=("2", 0), token_index=5))
+    plain, class_word = harness.node_output(ex_plain, "2"), harness.node_output(ex_plain, "15")
+    assert index == 5                                         # BOS a photo of a woman
+    # the conditioning: CLIPTextEncode's, with e_mix = W [e_ref; e_txt] + b at the class word (by hand)
+    sd = safetensors.torch.load_file(os.path.join(harness.BASE_DIR, "models", "pivot_id", a))
+    face = (torch.tensor([0x99, 0x66, 0x55]) / 255.0).expand(1, IMG, IMG, 3)     # the EmptyImage reference
+    e_ref = tm.tiny_clip_vision(0).encode_image(face, crop=True)["image_embeds"]
+    e_txt = plain[0][0][0, index]
+    want = sd["proj.weight"] @ torch.cat([e_ref[0].float(), e_txt.float()]) + sd["proj.bias"]
+    torch.testing.assert_close(cond[0][0][0, index], want, rtol=1e-5, atol=1e-5)
+    others = [i for i in range(plain[0][0].shape[1]) if i != index]
+    assert torch.equal(cond[0][0][0, others], plain[0][0][0, others])
+    assert cond[0][1][RG.PIVOT_KEY] == [{"token_index": 5, "class_word": "woman", "text": "a photo of a woman"}]
+    # M_gen is the cross-attention mask of that token: the same as naming token 5 explicitly on this conditioning,
+    # not the mask of the plain class word, and other pivot weights move it
+    assert mask_a.sum() > 0
+    explicit = harness.node_output(harness.run_workflow(pivot_wf("pivot_tok", a, token_index=5)), "15")
+    assert torch.equal(explicit, mask_a)
+    assert not torch.equal(class_word, mask_a)
+    mask_b = harness.node_output(harness.run_workflow(pivot_wf("pivot_b", b)), "15")
+    assert mask_b.sum() > 0 and not torch.equal(mask_b, mask_a)
+
+
+def test_pivot_id_node_warns_for_another_trunk_and_errors_clearly(caplog):
+    import logging
+    from idportrait.omni_encoder import trunk_identity as TI
+    trained_on = TI.trunk_metadata(tm.tiny_clip_vision(0).model.state_dict(), trained=True)
+    other = TI.trunk_metadata(tm.tiny_clip_vision(7).model.state_dict(), trained=True)
+    pivot_ok = RG.load_pivot_model(os.path.join(harness.BASE_DIR, "models", "pivot_id",
+                                                _pivot_file("pivot_ok.safetensors", 1, **trained_on)))
+    pivot_other = RG.load_pivot_model(os.path.join(harness.BASE_DIR, "models", "pivot_id",
+                                                   _pivot_file("pivot_other.safetensors", 1, **other)))
+    clip, cv, face = tm.tiny_clip(0), tm.tiny_clip_vision(0), torch.rand(1, 64, 64, 3)
+    for pv, warns in ((pivot_ok, False), (pivot_other, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            NRB.PivotIDTextEncode.execute(clip, "a photo of a woman", pv, cv, face)
+        assert ("fine-tuned CLIP trunk" in caplog.text and "clip_vision_finetuned.safetensors" in caplog.text) == warns
+    with pytest.raises(RG.RBGuidanceError, match="not found in the prompt"):
+        NRB.PivotIDTextEncode.execute(clip, "a photo of a man", pivot_ok, cv, face)
+    with pytest.raises(RG.RBGuidanceError, match="image embeddings of width 32.*CLIP vision model it was trained"):
+        NRB.PivotIDTextEncode.execute(clip, "a photo of a woman", pivot_ok, tm.tiny_clip_vision(0, width=32), face)
+    first = NRB.PivotIDTextEncode.execute(clip, "a woman and a woman", pivot_ok, cv, face).result[0]
+    second = NRB.PivotIDTextEncode.execute(clip, "a woman and a woman", pivot_ok, cv, face, occurrence=1,
+                                           conditioning=first).result
+    assert RG.pivot_tokens(second[0]) == [2, 5] and second[1] == 5
+    with pytest.raises(RG.RBGuidanceError, match="same text"):
+        NRB.PivotIDTextEncode.execute(clip, "another woman", pivot_ok, cv, face, conditioning=first)

@@ -64,7 +64,7 @@ def _meta(out, name):
 
 def test_curation_splits_identities_drops_low_quality_and_picks_distinct_poses(sources, tmp_path):
     root, truth = sources
-    cfg = CU.CurateConfig(resolution=64, padding=0.6)
+    cfg = CU.CurateConfig(resolution=64, padding=0.6, min_face=0)   # synthetic faces are 64 px, not the paper's 448
     out = str(tmp_path / "dataset")
     res = CU.curate([str(root)], out, cfg, tools=_tools(), workers=2, progress=False)
     assert res["sources"] == 2 and res["skipped"] == 0 and res["identities"] == 2
@@ -113,7 +113,7 @@ def test_curation_splits_identities_drops_low_quality_and_picks_distinct_poses(s
 def test_evaluation_plan_and_scores(sources, tmp_path):
     root, _ = sources
     out = str(tmp_path / "dataset")
-    CU.curate([str(root)], out, CU.CurateConfig(resolution=64), tools=_tools(), progress=False)
+    CU.curate([str(root)], out, CU.CurateConfig(resolution=64, min_face=0), tools=_tools(), progress=False)
     names = sorted(r.name for r in load_records(DataConfig(root=out)))
     with open(tmp_path / "holdout.json", "w") as f:
         json.dump(names, f)
@@ -147,3 +147,14 @@ def test_evaluation_plan_and_scores(sources, tmp_path):
     table = EV.format_table(res)
     assert "| 1 | 1.000 | 0.0 | 14 | 0 |" in table
     assert os.path.isfile(tmp_path / "scores.json")
+
+
+def test_curation_defaults_are_the_papers(sources, tmp_path):
+    """MFHQ keeps faces larger than 448 px (Omni-ID §3.4): the default, in the command and in the config."""
+    from idportrait.omni_encoder.train import cli
+    assert CU.CurateConfig().min_face == 448
+    args = cli._parser().parse_args(["curate", "--input", "x", "--out", "y"])
+    assert args.min_face == 448
+    root, _ = sources
+    res = CU.curate([str(root)], str(tmp_path / "ds"), CU.CurateConfig(resolution=64), tools=_tools(), progress=False)
+    assert res["identities"] == 0          # every synthetic face (64 px) is below the paper's 448

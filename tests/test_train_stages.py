@@ -267,3 +267,100 @@ def test_ema_export_is_the_running_average_of_the_optimizer_steps(tmp_path):
     for k in ema:
         torch.testing.assert_close(ema[k], 0.25 * w0[k] + 0.25 * w1[k] + 0.5 * w2[k], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(ema[k], w2[k]) for k in moved)
+
+
+# --- stage hand-over: stage 2 continues from the trunk stage 1 fine-tuned; the nodes check the trunk ----------
+
+@pytest.fixture(scope="module")
+def mtd_trunk_run(ds2, tmp_path_factory):
+    """Stage 1 with the paper's trainable CLIP trunk (tiny stand-in)."""
+    out = str(tmp_path_factory.mktemp("mtd_trunk"))
+    cfg = S.tiny_config("mtd", ds2, out, optim={"max_steps": 3}, trunk={"trainable": True})
+    return cfg, train(cfg)
+
+
+def _flow_cfg(ds2, out, **init):
+    return S.tiny_config("flow", ds2, out, family="sd15", optim={"max_steps": 1}, trunk={"trainable": True}, init=init)
+
+
+def test_stage2_starts_from_the_trunk_stage1_trained(mtd_trunk_run, ds2, tmp_path):
+    from idportrait.errors import TrainingError
+    from idportrait.omni_encoder import trunk_identity as TI
+    _, res = mtd_trunk_run
+    enc_file, trunk_file = res["exported"]["encoder"], res["exported"]["clip_vision"]
+    with safe_open(enc_file, framework="pt") as f:
+        md = f.metadata()
+    assert md["trunk_trained"] == "1" and md["trunk_file"] == os.path.basename(trunk_file) and md["trunk_fingerprint"]
+    stage1 = load_file(trunk_file)
+    stock = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE).model.state_dict()
+    assert any(not torch.equal(stage1[k], stock[k]) for k in stage1)            # stage 1 did change the trunk
+
+    def trunk_of(**init):
+        return TR.trunk_state_dict(build_stage(_flow_cfg(ds2, str(tmp_path / "f"), **init), torch.device("cpu")).trunk)
+    # the documented stage-2 command names only the stage-1 encoder: its trunk comes with it
+    got = trunk_of(encoder=enc_file)
+    assert set(got) == set(stage1) and all(torch.equal(got[k], stage1[k]) for k in stage1)
+    # 'stock' starts from trunk.path (here the stand-in) on purpose
+    got = trunk_of(encoder=enc_file, trunk="stock")
+    assert all(torch.equal(got[k], stock[k].float()) for k in stock)
+    # an explicit file is used as given
+    got = trunk_of(encoder=enc_file, trunk=trunk_file)
+    assert all(torch.equal(got[k], stage1[k]) for k in stage1)
+    # stage 1's trunk missing next to its encoder: refused, naming the flag
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    lone_enc = str(lone / "encoder_stage1.safetensors")
+    with open(enc_file, "rb") as a, open(lone_enc, "wb") as b:
+        b.write(a.read())
+    with pytest.raises(TrainingError, match="init.trunk"):
+        trunk_of(encoder=lone_enc)
+    # a file of that name that is not the trained trunk: refused too (the fingerprint differs)
+    from safetensors.torch import save_file
+    save_file({k: v.float().contiguous() for k, v in stock.items()}, str(lone / TI.FINETUNED_FILE))
+    with pytest.raises(TrainingError, match="fingerprint differs.*init.trunk"):
+        trunk_of(encoder=lone_enc)
+
+
+def test_nodes_warn_when_the_clip_vision_model_is_not_the_trained_trunk(mtd_trunk_run, ds2, tmp_path, caplog):
+    import logging
+    _, res = mtd_trunk_run
+    out = train(_flow_cfg(ds2, str(tmp_path / "flow"), encoder=res["exported"]["encoder"]))
+    m = OM.load_omni_id_model(out["exported"]["weights"])
+    assert m.meta.extra["trunk_trained"] == "1" and m.meta.extra["trunk_file"] == "clip_vision_finetuned.safetensors"
+    faces = _images(ds2, "person_00", [0, 1], S.TINY_TRUNK_SIZE)
+    stock = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
+    with caplog.at_level(logging.WARNING):
+        OM.encode_faces(m, stock, faces, crop=True)
+    assert "fine-tuned CLIP trunk" in caplog.text and "clip_vision_finetuned.safetensors" in caplog.text
+    # the exported trunk, loaded the way ComfyUI loads it (also in half precision): no warning
+    for dtype in (torch.float32, torch.float16):
+        cv = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
+        cv.load_sd({k: v.to(dtype) for k, v in load_file(out["exported"]["clip_vision"]).items()})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert OM.warn_if_other_trunk(m, cv) is None
+            OM.encode_faces(m, cv, faces, crop=True)
+        assert "trunk" not in caplog.text
+    # the stage-1 trunk is not the stage-2 one either (stage 2 trained it further)
+    stage1 = TR.tiny_clip_vision(0, S.TINY_TRUNK_SIZE)
+    stage1.load_sd(load_file(res["exported"]["clip_vision"]))
+    assert OM.warn_if_other_trunk(m, stage1) is not None
+
+
+def test_default_config_writes_the_papers_values(tmp_path):
+    """`default-config` (the documented first command): what the papers give, per stage."""
+    from idportrait.omni_encoder.train import cli
+    from idportrait.omni_encoder.train.config import TrainConfig
+    want = {"mtd": (250_000, 1e-4, 448, True), "flow": (5_000, 1e-4, 512, True), "adapter": (5_000, 1e-4, 512, False),
+            "pivot": (80_000, 2e-5, 512, True)}
+    for stage, (steps, lr, res, trunk) in want.items():
+        path = str(tmp_path / f"{stage}.yaml")
+        assert cli.main(["default-config", "--stage", stage, "--out", path]) == 0
+        cfg = TrainConfig.load(path)
+        assert (cfg.optim.max_steps, cfg.optim.lr, cfg.target_resolution) == (steps, lr, res), stage
+        assert cfg.trunk.trainable == trunk or stage == "adapter"   # the adapter stage freezes it itself
+    assert (cfg.base.family, cfg.base.text_drop, cfg.base.id_drop) == ("sd15", 0.1, 0.1)
+    assert cfg.optim.batch_size == 4 and TrainConfig.load(str(tmp_path / "mtd.yaml")).optim.batch_size == 4
+    path = str(tmp_path / "pivot_sdxl.yaml")
+    cli.main(["default-config", "--stage", "pivot", "--family", "sdxl", "--out", path])
+    assert TrainConfig.load(path).optim.max_steps == 60_000

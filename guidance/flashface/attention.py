@@ -133,6 +133,10 @@ class ReferenceAttention(Injector):
         g = self.guidance
         if not self.three_way(state, sigma):
             return [g.lambda_before for _ in cond_or_uncond]
+        if g.lambda_ref == 0.0:
+            # the released denoise with classifier = 0 takes its two-way branch with λ_feat in both rows:
+            # the references stay on in cond and uncond (not λ = 0)
+            return [g.lambda_feat for _ in cond_or_uncond]
         layout = layout_of(transformer_options)
         return [g.lambda_feat if layout.branch(c) == "ref" else 0.0 for c in cond_or_uncond]
 

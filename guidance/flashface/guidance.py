@@ -1,7 +1,8 @@
 """FlashFace's guidance (released ``ContextGaussianDiffusion.denoise``) and the two ways ComfyUI samples with it.
 
 While t > launch: two-way CFG with λ_before in both rows. Once t ≤ launch: three rows [cond λ_feat, cond λ=0,
-uncond λ=0] and ``u + g(y−u) + c(y_ref−y)`` (``three_way``), then CFG rescale on the ε prediction.
+uncond λ=0] and ``u + g(y−u) + c(y_ref−y)`` (``three_way``), then CFG rescale on the ε prediction. With c = λ_ref = 0
+the released code takes its two-way branch after launch too, with λ_feat in both rows (the references stay on).
 
 * MODEL path (KSampler, or any guider that runs ComfyUI's CFG): the injector's CALC_COND_BATCH wrapper
   (``ReferenceRowBatch``) adds the cond-with-reference row as a third condition chunk, so ComfyUI batches,

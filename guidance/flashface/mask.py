@@ -13,8 +13,10 @@ def face_position_mask(box: Optional[Sequence[float]], latent_hw: tuple[int, int
     """(h, w) face position mask at latent resolution, built exactly as the released code does.
 
     box: (x1, y1, x2, y2) as fractions of the image; None or all zeros → no constraint (all zero).
-    The canvas is the image (h·8, w·8); the square's side is ``max(x2−y1, y2−y1)`` in pixels,
-    anchored at (x1, y1) — the released demo and notebook use ``face_bbox[2] - face_bbox[1]``.
+    The canvas is the image (h·8, w·8); the box goes to pixels with ``int(v·W)`` / ``int(v·H)``, and a square
+    of side ``max(x2−x1, y2−y1)`` pixels anchored at (x1, y1) is set to 1, as the released demo and notebook
+    do at ``ali-vilab/FlashFace@fff0f078`` (``max(face_bbox[2] - face_bbox[0], face_bbox[3] - face_bbox[1])``;
+    older commits had ``face_bbox[2] - face_bbox[1]``, which that release fixed).
     """
     h, w = latent_hw
     if box is None or all(float(b) == 0.0 for b in box):
@@ -25,7 +27,7 @@ def face_position_mask(box: Optional[Sequence[float]], latent_hw: tuple[int, int
                              "use 0, 0, 0, 0 for no position constraint")
     H, W = h * downscale, w * downscale
     px = [int(x1 * W), int(y1 * H), int(x2 * W), int(y2 * H)]
-    side = max(px[2] - px[1], px[3] - px[1])
+    side = max(px[2] - px[0], px[3] - px[1])
     canvas = torch.zeros(H, W)
     canvas[px[1]:px[1] + side, px[0]:px[0] + side] = 1.0
     return canvas[::downscale, ::downscale]

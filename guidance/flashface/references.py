@@ -1,21 +1,37 @@
 """FlashFace reference faces: preparation as the released code does it, and the FLASHFACE_REF type.
 
 A ``FlashFaceReferences`` holds one or more reference sets (one person each; several = identity mixing,
-supplement Eq. 1) of VAE-mean latents with weights that sum to 1. Preparation (``encode_references``): find
-the face (or take pre-cropped faces), crop the detection box, level the eyes, pad to a square, resize, encode.
+supplement Eq. 1) of VAE-mean latents with weights that sum to 1. Preparation (``encode_references``), as the
+released demo and notebook (``ali-vilab/FlashFace@fff0f078``: ``detect_face``, ``ldm/models/retinaface.py``
+``crop_face``, ``utils.PadToSquare``) do it:
+
+1. detection on the photo padded to a 640 px square (long side resized to 640, centred black padding), faces
+   with score > 0.6, boxes and eyes mapped back to the photo;
+2. the box rounded (``bbox.round()``) and cropped with PIL (no margin; outside the photo is black);
+3. the crop turned about its centre by the released eye angle (PIL ``rotate``: same size, nearest, black fill);
+4. padded to a square of ``size`` (224), VAE-encoded (posterior mean).
+
+Differences that remain: our detector is RetinaFace-mobilenet0.25 (the released one is RetinaFace-ResNet50, whose
+weights are not on this machine), and its boxes are clipped to the padded square. The release requires exactly one
+face per photo; with several we take the largest and say so in the log.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...errors import FlashFaceError
 from ...face import detect as face_detect
-from ...face.types import BackendUnavailable, rgb_images
+from ...face.types import BackendUnavailable, FaceDetection, image_to_uint8, rgb_images
+
+DETECT_SIZE = 640        # the released detector input: PadToSquare(640)
+DETECT_SCORE = 0.6       # released retinaface.detect(min_thr=0.6)
 
 log = logging.getLogger(__name__)
 
@@ -98,51 +114,101 @@ def pad_to_square(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def released_eye_angle(left_eye, right_eye) -> float:
+    """Degrees (counter-clockwise, PIL's convention) the released ``crop_face`` turns a face crop by: the angle of
+    the eye line from the horizontal, computed as the release does (law of cosines on the eyes and the corner
+    point between them), so its cases (which eye is higher, eyes one above the other) come out the same."""
+    (lx, ly), (rx, ry) = (float(v) for v in left_eye[:2]), (float(v) for v in right_eye[:2])
+    if ly > ry:
+        corner, direction = (rx, ly), -1.0
+    else:
+        corner, direction = (lx, ry), 1.0
+    a = math.hypot(lx - corner[0], ly - corner[1])
+    b = math.hypot(rx - corner[0], ry - corner[1])
+    c = math.hypot(rx - lx, ry - ly)
+    if b == 0 or c == 0:
+        return 0.0
+    angle = math.degrees(math.acos(min(1.0, max(-1.0, (b * b + c * c - a * a) / (2 * b * c)))))
+    if direction < 0:
+        angle = 90.0 - angle
+    return direction * angle
+
+
 def crop_and_level(image: torch.Tensor, bbox, left_eye, right_eye) -> torch.Tensor:
-    """One IMAGE (H, W, C): crop the detection box (no margin), then rotate the crop about its centre
-    so the eyes are level (same size, black fill) — FlashFace's reference preprocessing."""
-    h, w = image.shape[:2]
-    x1, y1 = max(0, int(math.floor(bbox[0]))), max(0, int(math.floor(bbox[1])))
-    x2, y2 = min(w, int(math.ceil(bbox[2]))), min(h, int(math.ceil(bbox[3])))
-    if x2 <= x1 or y2 <= y1:
-        raise FlashFaceError(f"empty face box {tuple(float(b) for b in bbox)} in a {w}x{h} image")
-    crop = image[y1:y2, x1:x2, :3].float()
-    angle = math.atan2(float(right_eye[1]) - float(left_eye[1]), float(right_eye[0]) - float(left_eye[0]))
-    if abs(angle) < 1e-6:
-        return crop
-    ch, cw = crop.shape[:2]
-    cos, sin = math.cos(angle), math.sin(angle)
-    # output pixel (u, v) samples the input at R(angle)·(u, v) about the centre (pixel units → [-1, 1])
-    theta = torch.tensor([[cos, -sin * ch / cw, 0.0], [sin * cw / ch, cos, 0.0]], dtype=torch.float32,
-                         device=crop.device)
-    grid = F.affine_grid(theta[None], (1, 3, ch, cw), align_corners=False)
-    out = F.grid_sample(crop.movedim(-1, 0)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[0].movedim(0, -1).clamp(0, 1)
+    """One IMAGE (H, W, C) → the released face crop: the box rounded (``bbox.round()``) and cropped (no margin;
+    outside the photo is black), then turned about its centre by ``released_eye_angle`` (PIL ``rotate``: same size,
+    nearest, black fill). 8-bit as the release's PIL images are."""
+    from PIL import Image
+    box = tuple(float(round(float(v))) for v in bbox[:4])
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise FlashFaceError(f"empty face box {tuple(float(b) for b in bbox[:4])} in a "
+                             f"{image.shape[1]}x{image.shape[0]} image")
+    crop = Image.fromarray(image_to_uint8(image[..., :3])).crop(box)
+    angle = released_eye_angle(left_eye, right_eye)
+    if angle != 0.0:
+        crop = crop.rotate(angle)
+    return torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)
 
 
-def _detect_and_crop(faces: torch.Tensor) -> list:
-    try:
-        found = face_detect.detect_faces(faces)
-    except BackendUnavailable as e:
-        raise FlashFaceError(f"{e}; or crop the faces yourself and set crop to 'pre-cropped'") from e
+_DETECTOR = None
+
+
+def _released_detector():
+    """RetinaFace at the released score threshold; the input is already the 640 px square (no downscale)."""
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = face_detect.RetinaFaceDetector(score_threshold=DETECT_SCORE, max_size=DETECT_SIZE)
+    return _DETECTOR
+
+
+def detect_as_released(image: torch.Tensor, detector=None) -> list:
+    """Faces of one IMAGE (H, W, C) found as the released ``detect_face`` finds them: on the photo padded to a
+    640 px square (PadToSquare: long side resized to 640 with PIL, centred black padding), score > 0.6, boxes and
+    key points mapped back to the photo's pixels. Largest first."""
+    from PIL import Image
+    photo = Image.fromarray(image_to_uint8(image[..., :3]))
+    w, h = photo.size
+    scale = DETECT_SIZE / max(w, h)
+    nw, nh = round(w * scale), round(h * scale)
+    canvas = np.zeros((DETECT_SIZE, DETECT_SIZE, 3), np.uint8)
+    left, top = (DETECT_SIZE - nw) // 2, (DETECT_SIZE - nh) // 2   # the release's get_padding
+    canvas[top:top + nh, left:left + nw] = np.asarray(photo.resize((nw, nh), Image.BICUBIC))
+    found = (detector or _released_detector()).detect(canvas)
+    out = []
+    for f in found:
+        shift = np.array([left, top], np.float32)
+        bbox = (np.asarray(f.bbox, np.float32).reshape(2, 2) - shift).reshape(4) / scale
+        kps = (np.asarray(f.kps, np.float32) - shift) / scale
+        out.append(FaceDetection(bbox=bbox, kps=kps, score=float(f.score), source=f.source))
+    return face_detect.order_faces(out, "largest")
+
+
+def _detect_and_crop(faces: torch.Tensor, detector=None) -> list:
     crops = []
-    for i, per_image in enumerate(found):
-        chosen = face_detect.select_faces(per_image, "largest", 0)
-        if not chosen:
-            raise FlashFaceError(f"no face found in reference image {i + 1} of {len(found)}: use a photo with one "
-                                    "clearly visible face, or crop the face yourself and set crop to 'pre-cropped'")
-        if len(per_image) > 1:
-            log.warning("FlashFace: %d faces in reference image %d; using the largest", len(per_image), i + 1)
-        f = chosen[0]
+    n = faces.shape[0]
+    for i in range(n):
+        try:
+            found = detect_as_released(faces[i], detector)
+        except BackendUnavailable as e:
+            raise FlashFaceError(f"{e}; or crop the faces yourself and set crop to 'pre-cropped'") from e
+        if not found:
+            raise FlashFaceError(f"no face found in reference image {i + 1} of {n}: use a photo with one "
+                                 "clearly visible face, or crop the face yourself and set crop to 'pre-cropped'")
+        if len(found) > 1:
+            # the release refuses such a photo; we take the largest face and say so
+            log.warning("FlashFace: %d faces in reference image %d; using the largest (the released demo asks for one "
+                        "face per photo)", len(found), i + 1)
+        f = found[0]
         crops.append(crop_and_level(faces[i], f.bbox, f.kps[0], f.kps[1]))
     return crops
 
 
-def encode_references(faces, vae, crop: str, size: int, pad_to: int):
-    """IMAGE faces → (FlashFaceReferences, the prepared face images)."""
+def encode_references(faces, vae, crop: str, size: int, pad_to: int, detector: Optional[object] = None):
+    """IMAGE faces → (FlashFaceReferences, the prepared face images). ``detector``: any face detector with
+    ``detect(rgb_uint8)`` (default: RetinaFace at the released 0.6)."""
     faces = rgb_images(faces, "FlashFace references", "connect one or more photos of the same person",
                        error=FlashFaceError)
-    crops = _detect_and_crop(faces) if crop == "detect" else list(faces)
+    crops = _detect_and_crop(faces, detector) if crop == "detect" else list(faces)
     prepared = torch.cat([pad_to_square(c[None], size) for c in crops])
     latents = vae.encode(prepared).float().cpu()   # ComfyUI's VAE encodes to the posterior mean
     return FlashFaceReferences.single(latents).padded(pad_to), prepared

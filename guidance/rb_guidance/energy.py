@@ -34,6 +34,10 @@ ALPHA = 2.0
 BETA = 0.5
 P_STRENGTH = 8.5
 U_START = 0.6
+# Eq. 7 matches by Euclidean distance and Eq. 8 sums over the reference face points: the equations as written are
+# the defaults; cosine matching (DIFT's own) and the mean (p independent of the face size) are options.
+MATCHES = ("euclidean", "cosine")
+REDUCTIONS = ("sum", "mean")
 
 _EPS = 1e-12
 
@@ -204,7 +208,7 @@ def _batch_item(t: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def match_features(gen_feat: torch.Tensor, ref_feat: torch.Tensor, gen_mask: torch.Tensor, ref_mask: torch.Tensor,
-                   metric: str = "cosine", reduction: str = "mean") -> FeatureMatch:
+                   match: str = "euclidean", reduction: str = "sum") -> FeatureMatch:
     """Eq. 7-9: nearest generated point (inside M_gen) for each reference point (inside M_ref), and S_hat.
 
     ``gen_feat``: (B, C, h, w); ``ref_feat``: (B or 1, C, h_r, w_r) (its size may differ from gen);
@@ -212,23 +216,24 @@ def match_features(gen_feat: torch.Tensor, ref_feat: torch.Tensor, gen_mask: tor
     (see ``resize_mask``); a point is inside when its mask value is > 0.5.
 
     Matching (Eq. 7) runs without gradient: the argmin selects points, it is not differentiated.
-    ``metric="cosine"`` takes the generated point of highest cosine similarity (DIFT's own matching,
-    and the choice that maximises each term of Eq. 8); ``metric="euclidean"`` is Eq. 7 as printed
-    (L2 distance of the raw features). Ties go to the lowest flat index.
+    ``match="euclidean"`` (default) is Eq. 7 as written: the generated point at the smallest L2 distance
+    of the raw features. ``match="cosine"`` takes the point of highest cosine similarity (DIFT's own
+    matching, and the choice that maximises each term of Eq. 8). Ties go to the lowest flat index.
 
     Reading: Eq. 7 prints the argmin over ``p in M^ref``; the surrounding text says the matches lie
     in M^gen, so the search runs over M^gen.
 
     Similarity (Eq. 8): ``(cos(D_gen[p_gen], D_ref[p_ref]) + 1) / 2`` per pair, then
-    ``reduction="mean"`` (default: S_hat in [0, 1], so p in Eq. 10 does not depend on the face size)
-    or ``"sum"`` (Eq. 8 as printed). Eq. 9's ``(.) ⊙ M^gen`` is already satisfied by the matches
-    lying in M_gen; its purpose, keeping the background out of the update, is done by the latent
-    gradient mask in ``rb_energy_grad``.
+    ``reduction="sum"`` (default, Eq. 8 as written: S_hat in [0, N_ref], so the strength of p in Eq. 10
+    depends on the number of reference face points) or ``"mean"`` (S_hat in [0, 1], p independent of
+    the face size). Eq. 9's ``(.) ⊙ M^gen`` is already satisfied by the matches lying in M_gen; its
+    purpose, keeping the background out of the update, is done by the latent gradient mask in
+    ``rb_energy_grad``.
     """
-    if metric not in ("cosine", "euclidean"):
-        raise RBGuidanceError(f"metric must be 'cosine' or 'euclidean'; got {metric!r}")
-    if reduction not in ("mean", "sum"):
-        raise RBGuidanceError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if match not in MATCHES:
+        raise RBGuidanceError(f"match must be one of {MATCHES}; got {match!r}")
+    if reduction not in REDUCTIONS:
+        raise RBGuidanceError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if gen_feat.dim() != 4 or ref_feat.dim() != 4:
         raise RBGuidanceError("gen_feat and ref_feat must be (B, C, h, w)")
     if gen_feat.shape[1] != ref_feat.shape[1]:
@@ -260,7 +265,7 @@ def match_features(gen_feat: torch.Tensor, ref_feat: torch.Tensor, gen_mask: tor
         gen_all = gen_flat[b]                              # (C, h*w), keeps the graph
         with torch.no_grad():
             cand = gen_all.detach()[:, g_pool].T           # (N_g, C)
-            if metric == "cosine":
+            if match == "cosine":
                 sim = F.normalize(ref_vec.detach(), dim=1) @ F.normalize(cand, dim=1).T
                 best = sim.argmax(dim=1)
             else:
@@ -315,8 +320,8 @@ def _expand_batch(mask: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def rb_energy_grad(z_t: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
-                   identities: Sequence[IdentityGuide], p: float = P_STRENGTH, metric: str = "cosine",
-                   reduction: str = "mean") -> RBGradient:
+                   identities: Sequence[IdentityGuide], p: float = P_STRENGTH, match: str = "euclidean",
+                   reduction: str = "sum") -> RBGradient:
     """Background-masked gradient of the RB energy w.r.t. ``z_t``, summed over identities.
 
     ``z_t``: (B, C, H, W), the tensor ``feature_fn`` takes (see the conversion functions for which
@@ -341,12 +346,12 @@ def rb_energy_grad(z_t: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch
         # clone() outside inference mode turns an inference tensor into a normal one autograd can use.
         z = z_t.detach().clone().requires_grad_(True)
         feats = feature_fn(z)
-        return rb_energy_grad_from_features(z, feats, identities, p=p, metric=metric, reduction=reduction)
+        return rb_energy_grad_from_features(z, feats, identities, p=p, match=match, reduction=reduction)
 
 
 def rb_energy_grad_from_features(z: torch.Tensor, feats: torch.Tensor, identities: Sequence[IdentityGuide],
-                                 p: float = P_STRENGTH, metric: str = "cosine",
-                                 reduction: str = "mean") -> RBGradient:
+                                 p: float = P_STRENGTH, match: str = "euclidean",
+                                 reduction: str = "sum") -> RBGradient:
     """The second half of ``rb_energy_grad``, for callers that run the forward themselves.
 
     ``z``: the (B, C, H, W) leaf that requires grad; ``feats``: (B, C_f, h, w) computed from it with the
@@ -367,19 +372,19 @@ def rb_energy_grad_from_features(z: torch.Tensor, feats: torch.Tensor, identitie
         gen_mask = _expand_batch(ident.gen_mask.detach().clone(), bsz)
         ref_mask = ident.ref_mask.detach().clone()
         ref_mask = ref_mask[None] if ref_mask.dim() == 2 else ref_mask
-        match = match_features(feats, ref_feat, resize_mask(gen_mask, feats.shape[-2:]),
-                               resize_mask(ref_mask, ref_feat.shape[-2:]), metric=metric, reduction=reduction)
-        energy = rb_energy(match.s_hat, p)
-        if bool(match.valid.any()):
-            (g_k,) = torch.autograd.grad(energy[match.valid].sum(), z,
+        found = match_features(feats, ref_feat, resize_mask(gen_mask, feats.shape[-2:]),
+                               resize_mask(ref_mask, ref_feat.shape[-2:]), match=match, reduction=reduction)
+        energy = rb_energy(found.s_hat, p)
+        if bool(found.valid.any()):
+            (g_k,) = torch.autograd.grad(energy[found.valid].sum(), z,
                                          retain_graph=k < len(identities) - 1, allow_unused=True)
             if g_k is not None:
                 latent_mask = resize_mask(gen_mask, (height, width)).to(grad.dtype)
                 grad = grad + g_k * latent_mask[:, None]
         energies.append(energy.detach())
-        s_hats.append(match.s_hat.detach())
-        valids.append(match.valid)
-        matches.append(match)
+        s_hats.append(found.s_hat.detach())
+        valids.append(found.valid)
+        matches.append(found)
     empty = z.new_zeros((0, bsz), dtype=torch.float32)
     return RBGradient(grad=grad.detach(),
                       energy=torch.stack(energies) if energies else empty,
@@ -477,7 +482,7 @@ def flow_guidance_to_denoised(denoised: torch.Tensor, grad: torch.Tensor, sigma:
 
 
 __all__ = [
-    "GAMMA", "ALPHA", "BETA", "P_STRENGTH", "U_START",
+    "GAMMA", "ALPHA", "BETA", "P_STRENGTH", "U_START", "MATCHES", "REDUCTIONS",
     "minmax_normalize", "refine_mask", "refined_attention_map", "propagate_by_self_attention",
     "generated_face_mask", "resize_mask", "FeatureMatch", "match_features", "rb_energy", "IdentityGuide",
     "RBGradient", "rb_energy_grad", "rb_energy_grad_from_features",

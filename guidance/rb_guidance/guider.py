@@ -38,6 +38,7 @@ from . import energy
 from .capture import (CAPTURE_KEY, CAPTURE_WRAPPER_KEY, RBInjector, _AttnRecord, _Capture, _CaptureWrapper,
                       _FeatureReady, _identity_adapters, _StopAtOutputBlock)
 from .feature_points import FEATURE_AUTO, mask_grid, resolve_feature_point
+from .pivot import pivot_tokens
 from .regions import box_mask, detect_reference_masks
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class RBIdentity:
     face with the face tools (``reference_mask_source``: 'auto' = landmark hull or box ellipse, 'box'
     = the detection box). Region in the generated image (first that is set): ``region_mask`` (MASK),
     ``region_box`` (x0, y0, x1, y1 as fractions), ``token_index`` (cross-attention of that prompt
-    token), ``adapter`` (cross-attention of the k-th identity adapter on the model; None = next free).
+    token), the next Pivot ID token of the positive conditioning (pivot.py: e_mix, the paper's way), ``adapter``
+    (cross-attention of the k-th identity adapter on the model; None = next free).
     """
     reference: torch.Tensor
     reference_mask: Optional[torch.Tensor] = None
@@ -77,11 +79,15 @@ class RBSettings:
     alpha: float = energy.ALPHA
     beta: float = energy.BETA
     normalize_mask: bool = False      # min-max A_hat before beta (never-empty safety net, not the paper)
-    metric: str = "cosine"
-    reduction: str = "mean"
+    match: str = "euclidean"          # Eq. 7 as written; "cosine": DIFT's matching
+    reduction: str = "sum"            # Eq. 8 as written; "mean": p independent of the face size
     scale: float = 1.0                # multiplier on the Eq. 11 term (1 = paper)
 
     def validate(self):
+        if self.match not in energy.MATCHES:
+            raise RBGuidanceError(f"match must be one of {', '.join(energy.MATCHES)}, got {self.match!r}")
+        if self.reduction not in energy.REDUCTIONS:
+            raise RBGuidanceError(f"reduction must be one of {', '.join(energy.REDUCTIONS)}, got {self.reduction!r}")
         if not 0.0 <= self.u <= 1.0:
             raise RBGuidanceError(f"u must be in [0, 1], got {self.u}")
         if not 0.0 < self.t0 < 1000.0:
@@ -134,6 +140,7 @@ class RBGuider(comfy.samplers.CFGGuider):
         refs = []
         adapters = _identity_adapters(self.model_patcher.model_options.get("transformer_options", {}))
         free_adapter = 0
+        pivots = pivot_tokens(self.original_conds.get("positive"))   # e_mix tokens, one per person (pivot.py)
         self._sources = []
         for k, ident in enumerate(self.identities):
             who = f"identity {k + 1}"
@@ -170,12 +177,15 @@ class RBGuider(comfy.samplers.CFGGuider):
                 src = None
             elif ident.token_index is not None:
                 src = ("token", int(ident.token_index))
+            elif ident.adapter is None and pivots:
+                src = ("token", pivots.pop(0), "pivot")
             else:
                 a = ident.adapter if ident.adapter is not None else free_adapter
                 if a >= len(adapters):
                     raise RBGuidanceError(
-                        f"{who} has no region: connect a region mask or box, set a token index / class word, or "
-                        f"apply an identity adapter (Omni-ID) to the model first (it carries {len(adapters)})")
+                        f"{who} has no region: connect a region mask or box, set a token index / class word, encode "
+                        "the prompt with 'Pivot ID Text Encode (IDP)', or apply an identity adapter (Omni-ID) to the "
+                        f"model first (it carries {len(adapters)})")
                 src = ("adapter", a)
                 free_adapter = a + 1
             self._sources.append(src)
@@ -200,7 +210,8 @@ class RBGuider(comfy.samplers.CFGGuider):
         guided = [s for s in self.trace if s.guided and s.mask_cells]
         for k, src in enumerate(self._sources or []):
             if src is not None and guided and all(s.mask_cells[k] == 0 for s in guided):
-                what = f"token {src[1]}" if src[0] == "token" else f"identity adapter {src[1] + 1}"
+                what = (f"the Pivot ID token {src[1]}" if src[-1] == "pivot" else f"token {src[1]}" if src[0] == "token"
+                        else f"identity adapter {src[1] + 1}")
                 log.warning("RB-Guidance: the face region of identity %d (from %s) was empty at every guided step, so "
                             "it was not guided: check the token index / class word, turn on normalize_mask, or "
                             "draw a region box or mask", k + 1, what)
@@ -319,7 +330,7 @@ class RBGuider(comfy.samplers.CFGGuider):
             guides = [energy.IdentityGuide(ref.ref_feat.to(z.device), ref.ref_mask.to(z.device), gm.to(z.device))
                       for ref, gm in zip(run["refs"], gen_masks)]
             with torch.enable_grad():
-                res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, metric=s.metric,
+                res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, match=s.match,
                                                       reduction=s.reduction)
         self.last_gen_masks = [gm.detach().cpu() for gm in gen_masks]
         self.trace.append(StepTrace(float(timestep.flatten()[0]), True, res.energy.cpu(), res.s_hat.cpu(), res.valid.cpu(),

@@ -77,8 +77,10 @@ def _parser():
     t.add_argument("--insightface", default=None, help="models root holding insightface/models/<pack> (ArcFace encoders)")
     t.add_argument("--insightface-pack", default="antelopev2")
 
-    d = sub.add_parser("default-config", help="write the default config of a stage")
+    d = sub.add_parser("default-config", help="write the config of a stage with the papers' values")
     d.add_argument("--stage", default="mtd", choices=["mtd", "flow", "adapter", "pivot"])
+    d.add_argument("--family", default="", choices=["", "flux", "sd15", "sdxl"],
+                   help="base family (default: the paper's, FLUX for Omni-ID, SD1.5 for the Pivot ID encoder)")
     d.add_argument("--out", required=True)
 
     c = sub.add_parser("curate", help="build a training set from videos / photo folders (appendix Fig. II)")
@@ -94,7 +96,8 @@ def _parser():
     c.add_argument("--min-pose-diff", type=float, default=15.0, help="min summed |d yaw|+|d pitch|+|d roll| per pair")
     c.add_argument("--every", type=int, default=5, help="video: keep every n-th frame")
     c.add_argument("--max-frames", type=int, default=2000, help="video: at most this many frames per source")
-    c.add_argument("--min-face", type=int, default=0, help="min face box side in pixels (paper: faces >= 448)")
+    c.add_argument("--min-face", type=int, default=448,
+                   help="min face box side in pixels (default: the paper's 448, MFHQ; 0 keeps every face)")
     c.add_argument("--resolution", type=int, default=512, help="side of the aligned crops written")
     c.add_argument("--padding", type=float, default=0.6, help="ArcFace-template padding of the crops")
 
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import TrainConfig
     if args.cmd == "default-config":
-        cfg = TrainConfig(stage=args.stage)
+        from .config import paper_config
+        cfg = paper_config(args.stage, args.family)
         cfg.save(args.out)
         print(args.out)
         return 0

@@ -112,7 +112,8 @@ class PivotConfig:
 class InitConfig:
     encoder: str = ""                # stage-1 export (encoder_stage1.safetensors) or a node weight file
     adapter: str = ""                # a node weight file whose proj.* start the adapter
-    trunk: str = ""                  # a fine-tuned CLIP vision export to start the trunk from
+    trunk: str = ""                  # CLIP vision file to start the trunk from; "": the trunk init.encoder was
+                                     # trained with (its run's clip_vision_finetuned), else trunk.path; "stock": trunk.path
 
 
 @dataclass
@@ -123,9 +124,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     max_grad_norm: float = 1.0       # 0 disables clipping
-    batch_size: int = 4              # identities per process per micro-batch
+    batch_size: int = 4              # identities per process per micro-batch (see PAPER_DEFAULTS for the papers')
     grad_accum: int = 1
-    max_steps: int = 1000            # optimizer steps
+    max_steps: int = 1000            # optimizer steps (not the papers': `default-config` writes theirs per stage)
 
 
 @dataclass
@@ -258,6 +259,39 @@ class TrainConfig:
         with open(path) as f:
             data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
         return apply_overrides(cls.from_dict(data), overrides)
+
+
+# What the papers give per stage, written by ``cli.py default-config`` over the field defaults (``paper_config``).
+# Everything else is ours. ``optim.batch_size`` counts identities per process and the papers count target images
+# per step: Omni-ID's MTD used 256 = 8 GPUs x 4 identities x 8 targets (batch_size 4 on 8 processes), its flow stage
+# 32 = 4 identities x 8 targets in all (batch_size 4 on one process, or 1 on four); the processes are the launcher's.
+PAPER_DEFAULTS = {
+    # Omni-ID appendix A.2: 250K iterations, AdamW, constant 1e-4, 448 px (target_resolution), 1-3 inputs, 8 targets
+    "mtd": {"optim": {"max_steps": 250_000, "lr": 1e-4, "batch_size": 4}, "trunk": {"trainable": True}},
+    # A.2: 5K iterations (main text §4.1: 10K), constant 1e-4, 512 px, FLUX-dev injected into all blocks
+    "flow": {"optim": {"max_steps": 5_000, "lr": 1e-4, "batch_size": 4}, "trunk": {"trainable": True},
+             "base": {"family": "flux"}},
+    # A.1: the CLIP baseline trained 5K steps in the flow stage (ArcFace: 75K; set max_steps for it)
+    "adapter": {"optim": {"max_steps": 5_000, "lr": 1e-4, "batch_size": 4}, "base": {"family": "flux"}},
+    # OmniPortrait §4.1: AdamW 2e-5, SD 80K steps (SDXL: 60K), text and ID dropped with 10 % probability each
+    "pivot": {"optim": {"max_steps": 80_000, "lr": 2e-5}, "base": {"family": "sd15", "text_drop": 0.1,
+                                                                    "id_drop": 0.1}},
+}
+PIVOT_SDXL_STEPS = 60_000
+
+
+def paper_config(stage: str, family: str = "") -> "TrainConfig":
+    """The stage's config with the papers' values (PAPER_DEFAULTS) over the field defaults."""
+    if stage not in STAGES:
+        raise TrainingError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    data = {"stage": stage}
+    for section, values in PAPER_DEFAULTS[stage].items():
+        data[section] = dict(values)
+    if family:
+        data.setdefault("base", {})["family"] = family
+        if stage == "pivot" and family == "sdxl":
+            data["optim"]["max_steps"] = PIVOT_SDXL_STEPS
+    return TrainConfig.from_dict(data)
 
 
 def input_range(num_inputs) -> tuple[int, int]:

@@ -49,7 +49,7 @@ class CurateConfig:
     min_pose_diff: float = 15.0
     every: int = 5
     max_frames: int = 2000
-    min_face: int = 0
+    min_face: int = 448              # Omni-ID §3.4: MFHQ faces are larger than 448 px (0 keeps every face)
     resolution: int = 512
     padding: float = 0.6
     seed: int = 0

@@ -33,10 +33,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..baselines import build_encoder
+from ..trunk_identity import FINETUNED_FILE, trunk_metadata
 from .config import TrainConfig
 from .data import EpochSampler, IdentityDataset, collate_identities, load_records, save_image_grid, split_identities
-from .export import (export_identity_weights, export_stage1, export_trunk, load_adapter_init, load_encoder_init,
-                     load_trunk_init)
+from .export import (check_trunk_init, export_identity_weights, export_stage1, export_trunk, load_adapter_init,
+                     load_encoder_init, load_trunk_init, trunk_init)
 from .flow import DiffusionDecoder, FlowStage, IdentityEncoding, adapter_proj_state, build_adapter, load_base
 from .mtd import MTDStage, MaskedTransformerDecoder
 from .pivot import build_pivot_stage, export_pivot
@@ -117,10 +118,19 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
         trunk_cfg = type(trunk_cfg)(**{**trunk_cfg.__dict__, "trainable": False})
     trunk = build_trunk(trunk_cfg, output="embeds" if cfg.stage == "pivot" else "penultimate") \
         if (encoder.uses_clip or cfg.stage == "pivot") else None
-    if trunk is not None and cfg.init.trunk:
-        load_trunk_init(cfg.init.trunk, trunk)
+    source = _trunk_name(trunk_cfg)
+    if trunk is not None:
+        # stage hand-over: a stage-1 encoder comes with the trunk it was fine-tuned with (export.trunk_init)
+        path, fingerprint = trunk_init(cfg.init)
+        if path:
+            load_trunk_init(path, trunk)
+            check_trunk_init(path, fingerprint, trunk, explicit=bool(cfg.init.trunk))
+            source = os.path.basename(path)
+            log.info("trunk initialised from %s", path)
     if cfg.stage == "pivot":
-        return build_pivot_stage(cfg, device, trunk, encoder)
+        stage = build_pivot_stage(cfg, device, trunk, encoder)
+        stage.trunk_source = source
+        return stage
     if trunk is not None and encoder.uses_clip and hasattr(trunk, "width") and trunk.width != enc_cfg.clip_dim:
         raise TrainingError(f"the CLIP trunk gives tokens of width {trunk.width} but encoder.clip_dim is "
                          f"{enc_cfg.clip_dim}; set encoder.clip_dim (CLIP-H: 1280)")
@@ -142,7 +152,7 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
                                            m.mlp_ratio, m.cross_blocks, m.self_blocks)
         if cfg.engine.gradient_checkpointing:
             checkpoint_modules(decoder.blocks())
-        return Stage(MTDStage(identity, decoder, m.mask_ratio, m.loss_on), encoder, trunk)
+        return Stage(MTDStage(identity, decoder, m.mask_ratio, m.loss_on), encoder, trunk, trunk_source=source)
     patcher, clip, vae = load_base(cfg.base, device)
     adapter = build_adapter(cfg.base.family, patcher.model.diffusion_model, encoder.output_dim, cfg.base.hidden_init)
     if cfg.init.adapter:
@@ -151,7 +161,13 @@ def build_stage(cfg: TrainConfig, device: torch.device, arcface_fn: Optional[Cal
                                checkpointing=cfg.engine.gradient_checkpointing)
     notes = (f"inference tensors replaced in the base model: {decoder.inference_tensors_fixed}",)
     module = FlowStage(identity, adapter, decoder, cfg.base.id_drop, cfg.base.text_drop)
-    return Stage(module, encoder, trunk, adapter, cfg.base.family, notes)
+    return Stage(module, encoder, trunk, adapter, cfg.base.family, notes, source)
+
+
+def _trunk_name(trunk_cfg) -> str:
+    if trunk_cfg.kind == "tiny":
+        return f"tiny stand-in (seed {trunk_cfg.seed})"
+    return os.path.basename(trunk_cfg.path) if trunk_cfg.kind == "clip_vision" else ""
 
 
 def _encoder_blocks(encoder: nn.Module) -> list:
@@ -433,9 +449,12 @@ def export_run(cfg: TrainConfig, stage: Stage, raw: nn.Module, ema: Optional[EMA
     out = os.path.join(cfg.output_dir, "export")
     files = {}
     ctx = ema.applied(raw) if (ema is not None and cfg.export.use_ema) else contextlib.nullcontext()
-    extra = {"trainer_stage": cfg.stage, "trainer_steps": step, "trunk_trained": int(
-        stage.trunk is not None and any(p.requires_grad for p in stage.trunk.parameters()))}
+    trained = stage.trunk is not None and any(p.requires_grad for p in stage.trunk.parameters())
+    extra = {"trainer_stage": cfg.stage, "trainer_steps": step, "trunk_trained": int(trained)}
     with ctx:
+        # which trunk the exported weights belong to (omni_encoder.trunk_identity): the nodes check it
+        extra.update(trunk_metadata(trunk_state_dict(stage.trunk) if stage.trunk is not None else None, trained,
+                                    stage.trunk_source))
         if cfg.stage == "mtd":
             files["encoder"] = export_stage1(os.path.join(out, "encoder_stage1.safetensors"), stage.encoder, extra)
         elif cfg.stage == "pivot":
@@ -447,7 +466,7 @@ def export_run(cfg: TrainConfig, stage: Stage, raw: nn.Module, ema: Optional[EMA
             files["weights"] = export_identity_weights(os.path.join(out, name), stage.encoder,
                                                        adapter_proj_state(stage.adapter, stage.family), stage.family,
                                                        cfg.export.injected_blocks, extra)
-        if extra["trunk_trained"]:
-            files["clip_vision"] = export_trunk(os.path.join(out, "clip_vision_finetuned.safetensors"),
+        if trained:
+            files["clip_vision"] = export_trunk(os.path.join(out, FINETUNED_FILE),
                                                 trunk_state_dict(stage.trunk))
     return files

@@ -9,6 +9,13 @@
 * When the CLIP trunk was trained -> ``export/clip_vision_finetuned.safetensors`` in ComfyUI's CLIP vision
   key layout (``vision_model.*``): put it in models/clip_vision and use it with Load CLIP Vision in
   place of the original CLIP-H (the encoder was trained on its tokens).
+
+Every export names its trunk in the metadata (``omni_encoder.trunk_identity``: ``trunk_trained``, ``trunk_file``,
+``trunk_fingerprint``); the nodes warn when the CLIP vision model they are given is not it.
+
+Stage hand-over (``trunk_init``): stage 1 fine-tunes the trunk together with the encoder, so a stage-2 run that
+starts from a stage-1 encoder (``init.encoder``) starts its trunk from the trunk written next to it, unless
+``init.trunk`` names another file, or is ``stock`` to start from ``trunk.path`` deliberately.
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..encoder import OmniIDConfig
+from ..trunk_identity import FILE_KEY, FINETUNED_FILE, FINGERPRINT_KEY, TRAINED_KEY, fingerprint_matches
 from ..weights import (ENCODER_PREFIX, IdentityWeightsMeta, WEIGHTS_FORMAT, check_state_dict, expected_encoder_shapes,
                        read_metadata, save_identity_weights)
 from ...errors import TrainingError
+from .trunk import trunk_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -107,5 +116,49 @@ def load_trunk_init(path: str, trunk) -> None:
         raise TrainingError(f"{path} does not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+STOCK_TRUNK = "stock"   # init.trunk value: start from trunk.path (or the stand-in) even after a stage that trained it
+
+
+def trunk_init(init) -> tuple[Optional[str], Optional[str]]:
+    """The file the trunk starts from (None: ``trunk.path`` / the stand-in) and the fingerprint it must have.
+
+    ``init``: the run's InitConfig. With ``init.encoder`` from a run that fine-tuned its trunk and no
+    ``init.trunk``, that run's trunk (``trunk_file`` next to the encoder file) is the start; a missing file is an
+    error naming the flag rather than a silent start from the stock trunk.
+    """
+    stage1 = read_metadata(init.encoder) if init.encoder else {}
+    trained = stage1.get(TRAINED_KEY) == "1"
+    fingerprint = stage1.get(FINGERPRINT_KEY) if trained else None
+    if init.trunk == STOCK_TRUNK:
+        if trained:
+            log.warning("init.trunk=stock: the trunk starts from trunk.path, not from the trunk %s was trained with",
+                        init.encoder)
+        return None, None
+    if init.trunk:
+        return init.trunk, fingerprint
+    if not trained:
+        return None, None
+    path = os.path.join(os.path.dirname(os.path.abspath(init.encoder)),
+                        os.path.basename(stage1.get(FILE_KEY) or FINETUNED_FILE))
+    if not os.path.isfile(path):
+        raise TrainingError(f"{init.encoder} was trained together with a fine-tuned CLIP trunk, but {path} is not there: "
+                            f"set init.trunk to that run's {FINETUNED_FILE} (or init.trunk={STOCK_TRUNK} to start "
+                            "from trunk.path on purpose)")
+    return path, fingerprint
+
+
+def check_trunk_init(path: str, fingerprint: Optional[str], trunk, explicit: bool) -> None:
+    """After loading ``path``: it must be the trunk the init encoder was trained with (when that is recorded)."""
+    if not fingerprint:
+        return
+    if fingerprint_matches(fingerprint, trunk_state_dict(trunk)) is not False:
+        return
+    msg = f"the trunk {path} is not the one the init.encoder was trained with (its fingerprint differs)"
+    if explicit:
+        log.warning("%s; continuing as init.trunk asks", msg)
+        return
+    raise TrainingError(msg + f": set init.trunk to that run's {FINETUNED_FILE}")
+
+
 __all__ = ["export_identity_weights", "export_stage1", "export_trunk", "read_encoder_weights", "load_encoder_init",
-           "load_adapter_init", "load_trunk_init", "STAGE1_FORMAT"]
+           "load_adapter_init", "load_trunk_init", "trunk_init", "check_trunk_init", "STOCK_TRUNK", "STAGE1_FORMAT"]

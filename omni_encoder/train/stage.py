@@ -15,3 +15,4 @@ class Stage:
     adapter: Optional[nn.Module] = None
     family: str = ""
     notes: tuple = ()
+    trunk_source: str = ""       # the CLIP vision file the trunk started from (named in the exports' metadata)

@@ -5,8 +5,32 @@
 //   the artist drags a rectangle; the drag writes the widget value, typing in the widget moves the box.
 // * Identity chips: nodes producing an OMNI_ID show how many images (and tokens) the identity came from,
 //   from the "idp_identity" UI data the backend sends after execution.
+// * Saved workflows keep their meaning: inputs added later with a new default (nodes/migrations.py ADDED_INPUTS)
+//   get the value the node used before, when a workflow saved without them is loaded.
 // DOM widgets only (they work in both the classic canvas and the Vue "Nodes 2.0" renderer).
 import { app } from "../../../scripts/app.js";
+
+// Mirror of nodes/migrations.py ADDED_INPUTS (tests/test_browser.py checks the two agree).
+export const ADDED_INPUTS = {
+  IDP_RBGuidanceGuider: { oldWidgets: 11, values: { match: "cosine", reduction: "mean" } },
+  IDP_RBGuidanceSampler: { oldWidgets: 16, values: { match: "cosine", reduction: "mean" } },
+};
+
+function keepOldMeaning(node) {
+  const added = ADDED_INPUTS[node.comfyClass ?? node.type];
+  if (!added) return;
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function (info) {
+    const r = onConfigure?.apply(this, arguments);
+    if (Array.isArray(info?.widgets_values) && info.widgets_values.length === added.oldWidgets) {
+      for (const [name, value] of Object.entries(added.values)) {
+        const w = this.widgets?.find((x) => x.name === name);
+        if (w) w.value = value;
+      }
+    }
+    return r;
+  };
+}
 
 // A box is either one STRING widget ("x0,y0,x1,y1") or four FLOAT widgets (FlashFace's face_x1..face_y2).
 const BOX_STRING_WIDGETS = ["face_box", "region_box"];
@@ -135,9 +159,10 @@ app.registerExtension({
   name: "idportrait.core",
   async setup() {
     window.__IDPORTRAIT_LOADED__ = true;
-    window.__IDPORTRAIT__ = { parseBox, formatBox };
+    window.__IDPORTRAIT__ = { parseBox, formatBox, ADDED_INPUTS };
   },
   async nodeCreated(node) {
+    keepOldMeaning(node);
     const binding = boxBinding(node);
     if (binding) addFaceBoxEditor(node, binding);
     const outputs = node.outputs ?? [];
