@@ -293,6 +293,7 @@ class IdentityInjector(Injector):
                 k, v = k * w, v * w
             ip = optimized_attention(q, k, v, ctx.n_heads, attn_precision=ctx.transformer_options.get("attn_precision"),
                                      transformer_options=ctx.transformer_options)
+            record("identity.attend", injector=self, site=ctx.key, which=which, rows=q.shape[0], batch=B)
             ip = self._masked(ctx, ip, rows, B)
             if self.embeds_scaling == "V only":
                 ip = w * ip
@@ -357,6 +358,7 @@ class IdentityInjector(Injector):
         if self.embeds_scaling == "K+V":
             k, v = k * w, v * w
         ip = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, L, H * D)
+        record("identity.attend", injector=self, site=ctx.key, which=which, rows=n, batch=batch)
         if rows is None and ctx.rows is not None:   # rows this injector does not act on get exactly nothing added
             ip = ip * ctx.rows.view(-1, 1, 1).to(ip.dtype)
         ip = self._masked(ctx, ip, rows, batch)
@@ -493,54 +495,63 @@ def adapter_sites(adapter: nn.Module, family: str, diffusion_model) -> list:
     return [k for k in unet_block_keys(diffusion_model) if sd_key_name(k) in adapter.attn2]
 
 
-def _shape_error(adapter, ours: str, got: tuple, want: tuple, where: str) -> OmniIDError:
-    name = getattr(adapter, "file_keys", {}).get(ours, ours)
-    return OmniIDError(f"the identity weights' {name} has shape {got} but {where} needs {want}: the weights are for "
-                       "another architecture (SD1.5 vs SDXL, another FLUX) or another model family")
+def _shape_error(names: dict, ours: str, got: tuple, want: tuple, where: str) -> OmniIDError:
+    return OmniIDError(f"the identity weights' {names.get(ours, ours)} has shape {got} but {where} needs {want}: the "
+                       "weights are for another architecture (SD1.5 vs SDXL, another FLUX) or another model family")
 
 
-def check_adapter_fits(adapter: nn.Module, family: str, diffusion_model) -> None:
-    """Raise an OmniIDError naming the tensor and the shapes when an adapter was made for another architecture."""
+def check_adapter_fits(adapter, family: str, diffusion_model, file_keys: Optional[dict] = None) -> None:
+    """Raise an OmniIDError naming the tensor and the shapes when an adapter (a module, or its state dict before
+    it is built) was made for another architecture."""
     dm = diffusion_model
+    if isinstance(adapter, dict):
+        shapes = {k: tuple(v.shape) for k, v in adapter.items()}
+        is_flux = any(k.startswith(("double_", "single_")) for k in shapes)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+        if isinstance(adapter, FluxIdentityAdapter):
+            shapes = {k.replace("blocks.", "", 1): v for k, v in shapes.items()}
+        is_flux = isinstance(adapter, FluxIdentityAdapter)
+        file_keys = getattr(adapter, "file_keys", None) if file_keys is None else file_keys
+    names = file_keys or {}
     if family == "flux":
-        if not isinstance(adapter, FluxIdentityAdapter):
+        if not is_flux:
             raise OmniIDError("these identity weights are for a UNet (SD1.5/SDXL) model, not FLUX: load the flux file")
         n_double, n_single = len(dm.double_blocks), len(dm.single_blocks)
-        have_d = sum(1 for k in adapter.blocks if k.startswith("double_"))
-        have_s = sum(1 for k in adapter.blocks if k.startswith("single_"))
+        blocks = {k.split(".")[0] for k in shapes}
         want_d = {f"double_{i}" for i in range(n_double)}
         want_s = {f"single_{i}" for i in range(n_single)}
-        blocks = set(adapter.blocks)
         # every double block; the single blocks all or none (XLabs' adapter acts in the double blocks only)
         if not (want_d <= blocks) or blocks - want_d not in (set(), want_s):
-            raise OmniIDError(f"identity weights for a FLUX model with {have_d} double and {have_s} single blocks do not "
-                              f"match this FLUX model ({n_double} double and {n_single} single blocks)")
-        for name, blk in adapter.blocks.items():
+            have_d = sum(1 for b in blocks if b.startswith("double_"))
+            raise OmniIDError(f"identity weights for a FLUX model with {have_d} double and {len(blocks) - have_d} single "
+                              f"blocks do not match this FLUX model ({n_double} double and {n_single} single blocks)")
+        for b in sorted(blocks):
             for kv in ("to_k_ip", "to_v_ip"):
-                got = tuple(blk[kv].weight.shape)
+                got = shapes[f"{b}.{kv}.weight"]
                 if got[0] != dm.hidden_size:
-                    raise _shape_error(adapter, f"{name}.{kv}.weight", got, (dm.hidden_size, got[1]),
-                                       f"this FLUX model (width {dm.hidden_size}) at {name.replace('_', ' block ')}")
+                    raise _shape_error(names, f"{b}.{kv}.weight", got, (dm.hidden_size, got[1]),
+                                       f"this FLUX model (width {dm.hidden_size}) at {b.replace('_', ' block ')}")
         return
-    if not isinstance(adapter, SDIdentityAdapter):
+    if is_flux:
         raise OmniIDError("these identity weights are for a FLUX model, not a UNet (SD1.5/SDXL): load the sd15/sdxl file")
     dims = SDIdentityAdapter.inner_dims_of(dm)
-    if set(adapter.attn2) != {sd_key_name(k) for k in dims}:
-        raise OmniIDError(f"identity weights made for a UNet with {len(adapter.attn2)} cross-attention layers do not "
-                          f"match this model's {len(dims)} (SD1.5 has 16, SDXL 70): they are for another architecture")
+    layers = {k.split(".")[1] for k in shapes if k.startswith("attn2.")}
+    if layers != {sd_key_name(k) for k in dims}:
+        raise OmniIDError(f"identity weights made for a UNet with {len(layers)} cross-attention layers do not match "
+                          f"this model's {len(dims)} (SD1.5 has 16, SDXL 70): they are for another architecture")
     for key, inner in dims.items():
         attn = unet_attention_module(dm, key, "attn2")
         want = (inner, attn.to_k.weight.shape[1])
-        layer = adapter.attn2[sd_key_name(key)]
         for kv in ("to_k_ip", "to_v_ip"):
-            got = tuple(layer[kv].weight.shape)
-            if got != want:
-                raise _shape_error(adapter, f"attn2.{sd_key_name(key)}.{kv}.weight", got, want,
-                                   f"this model's cross-attention {key[0]} block {key[1]} (transformer {key[2]}, "
+            ours = f"attn2.{sd_key_name(key)}.{kv}.weight"
+            if shapes[ours] != want:
+                raise _shape_error(names, ours, shapes[ours], want,
+                                   f"this model's cross-attention in {key[0]} block {key[1]} (transformer {key[2]}, "
                                    f"its to_k is {tuple(attn.to_k.weight.shape)})")
-    if not getattr(adapter, "projected", False):
+    if "image_proj.2.weight" in shapes:
         ctx_dim = unet_attention_module(dm, next(iter(dims)), "attn2").to_k.weight.shape[1]
-        got = tuple(adapter.image_proj[2].weight.shape)
+        got = shapes["image_proj.2.weight"]
         if got[0] != ctx_dim:
-            raise _shape_error(adapter, "image_proj.2.weight", got, (ctx_dim, got[1]),
+            raise _shape_error(names, "image_proj.2.weight", got, (ctx_dim, got[1]),
                                f"this model's text context (width {ctx_dim})")

@@ -109,6 +109,7 @@ class OmniIDModel:
                 layout = tuple(sorted(ip_adapter.SDIdentityAdapter.inner_dims_of(dm).items()))
             if layout not in self._converted:
                 sd, names = self.public.adapter_state_dict(dm)
+                ip_adapter.check_adapter_fits(sd, family, dm, names)   # before building: name the file's tensor
                 self._converted[layout] = ip_adapter.adapter_patcher(
                     ip_adapter.adapter_from_state_dict("flux" if for_flux else "unet", sd, file_keys=names))
             patcher = self._converted[layout]

@@ -9,9 +9,15 @@ README's migration table; keep a saved copy of an old workflow under tests/data/
 * UI format: ``migrate_ui_workflow`` renames old socket names and drops widget values that a renamed INT
   ``seed`` widget carried for the frontend's "control after generate" companion (see ``DROPPED_COMPANIONS``).
 
+Added inputs: new inputs are optional with defaults that give the old results, so an API prompt without them
+runs unchanged. UI workflows store widget values by position; the frontend fills widgets added after the saved
+ones with their defaults, and ``migrate_ui_workflow`` does the same for our converter (``ADDED_WIDGETS``).
+
 Migrations so far:
 * 0.1.0 → 0.2.0: the stand-in nodes' ``seed`` became ``weights_seed``: the frontend attaches a "control after
   generate: randomize" widget to any INT named ``seed``, which re-rolled the stand-in weights on every run.
+* 0.2.0 → 0.3.0: Apply Omni-ID gained ``weight_type`` and ``embeds_scaling``, Omni-ID Encode ``combine_embeds``,
+  Identity Encode from ArcFace ``combine_embeds``, ``faceid_plus`` and ``shortcut_scale`` (all after the old widgets).
 """
 from __future__ import annotations
 
@@ -30,6 +36,13 @@ DROPPED_COMPANIONS: dict[str, dict[str, int]] = {
     "IDP_TinyModels": {"seed": 1},        # widgets_values: family, seed, <control>
     "IDP_TinyClipVision": {"seed": 0},    # widgets_values: seed, <control>
     "IDP_TinyControlNet": {"seed": 1},
+}
+
+# widgets added after the saved ones: node id -> (number of widget values before, the added widgets' defaults)
+ADDED_WIDGETS: dict[str, tuple[int, list]] = {
+    "IDP_OmniIDApply": (4, ["linear", "V only"]),                       # weight, start_at, end_at, apply_to
+    "IDP_OmniIDEncode": (1, ["concat"]),                                # crop
+    "IDP_OmniIDEncodeArcFace": (0, ["concat", "v2 (shortcut)", 1.0]),
 }
 
 
@@ -65,6 +78,11 @@ def migrate_ui_workflow(ui: dict) -> dict:
         for old, pos in DROPPED_COMPANIONS.get(t, {}).items():
             if isinstance(values, list) and len(values) > pos + 1 and isinstance(values[pos + 1], str):
                 del values[pos + 1]   # the old "control after generate" value ("fixed", "randomize", ...)
+        before, added = ADDED_WIDGETS.get(t, (None, []))
+        if isinstance(values, list) and len(values) == before:
+            values.extend(added)      # what the frontend shows for widgets the saved file did not have
+        elif values is None and before == 0:
+            node["widgets_values"] = list(added)
     return ui
 
 

@@ -177,10 +177,13 @@ def _perceiver_shapes(prefix: str, embed: int, dim: int, out: int, depth: int = 
     return shapes
 
 
-def public_adapter_state_dict(kind: str, family: str = "sd15", seed: int = 5, lora: bool = False) -> dict:
-    """The state dict of a tiny public adapter of ``kind`` (PUBLIC_KINDS) for the tiny model of ``family``."""
+def public_adapter_state_dict(kind: str, family: str = "sd15", seed: int = 5, lora: bool = False,
+                              clip_width: Optional[int] = None) -> dict:
+    """The state dict of a tiny public adapter of ``kind`` (PUBLIC_KINDS) for the tiny model of ``family``;
+    ``clip_width``: the CLIP vision stand-in's width it takes (tokens and image embedding; another width stands in
+    for ViT-bigG)."""
     from idportrait.stand_ins import models as tm
-    w, ctx, tokens = tm.TEXT_WIDTH, tm.TEXT_WIDTH, 4
+    w, ctx, tokens = clip_width or tm.TEXT_WIDTH, tm.TEXT_WIDTH, 4
     if kind == "xlabs":
         dm = tm.tiny_model("flux", 0).model.diffusion_model
         ip_ctx = 48   # the released file projects to 4096 (T5's width); any width works
@@ -220,9 +223,10 @@ def public_adapter_state_dict(kind: str, family: str = "sd15", seed: int = 5, lo
     return sd
 
 
-def write_public_adapter(path: str, kind: str, family: str = "sd15", seed: int = 5, lora: bool = False) -> str:
+def write_public_adapter(path: str, kind: str, family: str = "sd15", seed: int = 5, lora: bool = False,
+                         clip_width: Optional[int] = None) -> str:
     """A tiny public adapter file (safetensors, flat keys; ``.bin``: the nested layout, torch.save)."""
-    sd = public_adapter_state_dict(kind, family, seed, lora)
+    sd = public_adapter_state_dict(kind, family, seed, lora, clip_width)
     if path.endswith(".bin"):
         import torch
         nested = {}
