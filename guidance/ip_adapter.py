@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import types
 from typing import Optional
 
 import torch
@@ -338,10 +339,7 @@ class IdentityInjector(Injector):
                 continue
             if rows.numel() == 0:
                 continue
-            v = _real_timestep(vec, B)
-            q = (query(block, img_tokens[rows], v[rows]) if torch.is_tensor(v)
-                 else query(block, img_tokens, vec)[rows])   # precomputed modulations (Chroma): all rows
-            adds.append((rows, self._flux_rows(ctx, q, rows, which, w, B)))
+            adds.append((rows, self._flux_rows(ctx, query(block, img_tokens, vec, rows), rows, which, w, B)))
         return adds
 
     def _flux_ip(self, ctx: CallContext, q: torch.Tensor, heads: int) -> torch.Tensor:
@@ -398,10 +396,20 @@ def _real_timestep(vec, batch: int):
     return vec
 
 
-def flux_double_query(block, img: torch.Tensor, vec) -> torch.Tensor:
-    """Image-token query of a DoubleStreamBlock after QK-norm, before RoPE: (B, heads, L, head_dim)."""
+def _mod_rows(mod, rows, batch: int):
+    """The rows of a block's modulation, computed for the whole batch (a matmul of one row does not round like a
+    row of a batch's matmul: the queries of some rows must equal those of the whole batch bit for bit)."""
+    if rows is None or not torch.is_tensor(mod.shift) or mod.shift.shape[0] != batch:
+        return mod
+    return types.SimpleNamespace(shift=mod.shift[rows], scale=mod.scale[rows])
+
+
+def flux_double_query(block, img: torch.Tensor, vec, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Image-token query of a DoubleStreamBlock after QK-norm, before RoPE: (B, heads, L, head_dim) (of ``rows``)."""
     vec = _real_timestep(vec, img.shape[0])
     img_mod1 = block.img_mod(vec)[0] if block.modulation else vec[0][0]   # Chroma-style: precomputed mods
+    if rows is not None:
+        img_mod1, img = _mod_rows(img_mod1, rows, img.shape[0]), img[rows]
     x = _modulated(block.img_norm1, img, img_mod1)
     hidden = block.hidden_size
     q = _linear_rows(block.img_attn.qkv, x, slice(0, hidden))
@@ -409,10 +417,12 @@ def flux_double_query(block, img: torch.Tensor, vec) -> torch.Tensor:
     return block.img_attn.norm.query_norm(q).to(img.dtype)
 
 
-def flux_single_query(block, img_tokens: torch.Tensor, vec) -> torch.Tensor:
-    """Query of the image tokens in a SingleStreamBlock after QK-norm, before RoPE."""
+def flux_single_query(block, img_tokens: torch.Tensor, vec, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Query of the image tokens in a SingleStreamBlock after QK-norm, before RoPE (of ``rows``)."""
     vec = _real_timestep(vec, img_tokens.shape[0])
     mod = block.modulation(vec)[0] if block.modulation is not None else vec
+    if rows is not None:
+        mod, img_tokens = _mod_rows(mod, rows, img_tokens.shape[0]), img_tokens[rows]
     x = _modulated(block.pre_norm, img_tokens, mod)
     q = _linear_rows(block.linear1, x, slice(0, block.hidden_size))
     q = q.view(q.shape[0], q.shape[1], block.num_heads, -1).transpose(1, 2)

@@ -506,3 +506,278 @@ def test_xlabs_flux_adapter_adds_its_attention_after_every_double_block_by_hand(
         want = ((q[r:r + 1] @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v).transpose(1, 2).reshape(1, L, H * D)
         assert want.abs().max() > 1e-2
         torch.testing.assert_close(delta[r:r + 1], w * want, rtol=1e-4, atol=1e-5)
+
+
+# ==========================================================================================================
+# The IP-Adapter vocabulary, pinned by hand
+
+
+def _deltas(model, m, ident, family, keys, **kw):
+    rec = SiteRecorder(keys)
+    sample(P.apply_injector(apply(model, m, ident, 0.8, apply_to="cond+uncond", **kw), rec), family, steps=1)
+    return {k: rec.seen[k]["out"] - rec.seen[k]["base"] for k in keys}
+
+
+def test_weight_type_factors_by_hand_and_in_the_model():
+    model = tm.tiny_model("sd15", 0)
+    dm = model.model.diffusion_model
+    sites = P.unet_block_keys(dm)
+    modules = list(dict.fromkeys(k[:2] for k in sites))
+    n = len(modules)
+    i = lambda k: modules.index(k[:2])   # noqa: E731
+    by_hand = {
+        "linear": lambda k: 1.0,
+        "ease in": lambda k: 0.05 + 0.95 * (1 - i(k) / n),
+        "ease out": lambda k: 0.05 + 0.95 * i(k) / n,
+        "ease in-out": lambda k: 0.05 + 0.95 * (1 - abs(i(k) - n / 2) / (n / 2)),
+        "reverse in-out": lambda k: 0.05 + 0.95 * abs(i(k) - n / 2) / (n / 2),
+        "weak input": lambda k: 0.2 if k[0] == "input" else 1.0,
+        "weak middle": lambda k: 0.2 if k[0] == "middle" else 1.0,
+        "weak output": lambda k: 0.2 if k[0] == "output" else 1.0,
+        "strong middle": lambda k: 1.0 if k[0] == "middle" else 0.2,
+    }
+    for wt, f in by_hand.items():
+        got = V.site_weights(wt, 0.8, "sd15", sites)
+        assert got.keys() == set(sites)
+        for k in sites:
+            assert got[k] == pytest.approx(0.8 * f(k), abs=1e-12), (wt, k)
+    # in the model: at every site, factor · w · Attn(q, K_ip, V_ip) of that site's own query
+    name = write("plus", "sd15")
+    m = load(name)
+    ident = encode(m, tm.tiny_clip_vision(0), "plus", faces(2))
+    for wt in ("ease in", "weak output"):
+        rec = SiteRecorder(sites)
+        sample(P.apply_injector(apply(model, m, ident, 0.8, apply_to="cond+uncond", weight_type=wt), rec), "sd15",
+               steps=1)
+        for k in sites:
+            seen = rec.seen[k]
+            kk, vv = _kv(raw(name), dm, k, ident.tokens)
+            B = seen["q"].shape[0]
+            want = 0.8 * by_hand[wt](k) * hand_attention(seen["q"], kk.expand(B, -1, -1), vv.expand(B, -1, -1),
+                                                         seen["heads"])
+            torch.testing.assert_close(seen["out"] - seen["base"], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="names UNet parts"):
+        V.site_weights("weak input", 1.0, "flux", [("double", 0)])
+
+
+def test_style_and_composition_transfer_act_only_in_instantstyles_modules():
+    """InstantStyle (SDXL): style in up_blocks.0.attentions.1, layout in down_blocks.2.attentions.1."""
+    real = tm.FULL_SIZE["sdxl"]().unet_config
+    assert V._instantstyle_module("style transfer", real) == ("output", 1)
+    assert V._instantstyle_module("composition", real) == ("input", 8)   # SDXL's input_blocks.8
+    model = sdxl_two_res_blocks()
+    keys = P.unet_block_keys(model.model.diffusion_model)
+    sd = stand_in_files.public_adapter_state_dict("plus", "sdxl")
+    # a file for this deeper tiny SDXL: one ip_adapter layer per cross-attention layer, in the public numbering
+    dims = IP.SDIdentityAdapter.inner_dims_of(model.model.diffusion_model)
+    layers = {f"ip_adapter.{2 * n + 1}.{kv}.weight": torch.randn(dims[k], tm.TEXT_WIDTH) * 0.2
+              for n, k in enumerate(IP.ip_adapter_order(list(dims))) for kv in ("to_k_ip", "to_v_ip")}
+    m = load(_save("plus_deeper_sdxl.safetensors", {**{k: v for k, v in sd.items() if k.startswith("image_proj.")},
+                                                     **layers}))
+    ident = encode(m, tm.tiny_clip_vision(0), "plus", faces(2))
+    for wt, target in (("style transfer", ("output", 1)), ("composition", ("input", 5))):
+        d = _deltas(model, m, ident, "sdxl", keys, weight_type=wt)
+        for k in keys:
+            if k[:2] == target:
+                assert d[k].abs().max() > 1e-3
+            else:
+                assert torch.equal(d[k], torch.zeros_like(d[k])), (wt, k)
+    with pytest.raises(ValueError, match="defined for SDXL"):
+        apply(tm.tiny_model("sd15", 0), load(write("plus", "sd15")), encode(load(write("plus", "sd15")),
+              tm.tiny_clip_vision(0), "plus", faces(1)), weight_type="style transfer")
+
+
+def _combined_by_hand(x, mode):
+    if mode == "add":
+        return x.sum(0, keepdim=True)
+    if mode == "average":
+        return x.mean(0, keepdim=True)
+    if mode == "subtract":
+        return x[:1] - x[1:].mean(0, keepdim=True)
+    norms = x.norm(dim=-1, keepdim=True)                       # per token, over channels
+    return (x / norms * norms.mean(0, keepdim=True)).mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["add", "subtract", "average", "norm average"])
+def test_combine_embeds_combines_the_per_image_features_before_the_projection(mode):
+    cv, images = tm.tiny_clip_vision(0), faces(3, seed=4)
+    feats = clip_of(cv, images)
+    for kind in ("plus", "basic"):
+        name = write(kind, "sd15")
+        p = {k[len("image_proj."):]: v for k, v in raw(name).items() if k.startswith("image_proj.")}
+        ident = encode(load(name), cv, kind, images, combine_embeds=mode)
+        key = "clip_tokens" if kind == "plus" else "clip_embeds"
+        want = hand_tokens(kind, p, {key: _combined_by_hand(feats[key], mode)})
+        torch.testing.assert_close(ident.tokens, want, rtol=1e-4, atol=1e-5)
+        assert ident.num_source_images == [3]
+    concat = encode(load(write("plus", "sd15")), cv, "plus", images)   # the default: every image's tokens
+    assert concat.tokens.shape[1] == 3 * 4
+    # FaceID: the ArcFace embeddings are combined
+    name = write("faceid", "sd15")
+    p = {k[len("image_proj."):]: v for k, v in raw(name).items() if k.startswith("image_proj.")}
+    e = arcface(3)
+    ident = N.OmniIDEncodeArcFace.execute(load(name), FaceEmbedding(e, [0, 1, 2]), combine_embeds=mode).result[0]
+    torch.testing.assert_close(ident.tokens, hand_tokens("faceid", p, {"arcface": _combined_by_hand(e, mode)}),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_embeds_scaling_k_plus_v_scales_keys_and_values_by_hand():
+    name = write("basic", "sd15")
+    cv, images = tm.tiny_clip_vision(0), faces(1)
+    m = load(name)
+    ident = encode(m, cv, "basic", images)
+    model = tm.tiny_model("sd15", 0)
+    dm = model.model.diffusion_model
+    key = _sd_sites(dm)[2]
+    w = 2.0
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(apply(model, m, ident, w, apply_to="cond+uncond", embeds_scaling="K+V"), rec), "sd15", steps=1)
+    seen = rec.seen[key]
+    B = seen["q"].shape[0]
+    k, v = (t.expand(B, -1, -1) for t in _kv(raw(name), dm, key, ident.tokens))
+    want = hand_attention(seen["q"], w * k, w * v, seen["heads"])
+    torch.testing.assert_close(seen["out"] - seen["base"], want, rtol=1e-4, atol=1e-5)
+    v_only = w * hand_attention(seen["q"], k, v, seen["heads"])
+    assert (want - v_only).abs().max() > 1e-2   # K+V really is another formula than V only
+
+
+# ==========================================================================================================
+# Rows: apply_to, negatives, and nothing computed for rows that discard it
+
+
+class OldIdentityInjector(IP.IdentityInjector):
+    """The injector's row handling before this change, kept as the reference the defaults must equal bit for bit:
+    the identity attention of every row, then the rows apply_to does not select zeroed or mixed away."""
+
+    def attn2(self, ctx, out, **kw):
+        from comfy.ldm.modules.attention import optimized_attention
+        k_ip, v_ip = self.sd_kv(ctx.key, ctx.q, ctx.run)
+        B = ctx.q.shape[0]
+        ip = optimized_attention(ctx.q, IP._rows_batch(k_ip, B), IP._rows_batch(v_ip, B), ctx.n_heads,
+                                 attn_precision=ctx.transformer_options.get("attn_precision"),
+                                 transformer_options=ctx.transformer_options)
+        if self.mask is not None:
+            ip = ip * ctx.token_mask(self.mask.to(ip.device), ip.shape[0]).to(ip.dtype)
+        return out + self.weight * ip
+
+    def _old_ip(self, ctx, q, heads):
+        k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q, ctx.run)
+        B, H, L, D = q.shape
+        k = IP._rows_batch(k_ip, B).view(B, -1, H, D).transpose(1, 2)
+        v = IP._rows_batch(v_ip, B).view(B, -1, H, D).transpose(1, 2)
+        ip = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
+        if ctx.rows is not None:
+            ip = ip * ctx.rows.view(-1, 1, 1).to(ip.dtype)
+        if self.mask is not None:
+            ip = ip * ctx.token_mask(self.mask.to(ip.device), ip.shape[0]).to(ip.dtype)
+        return self.weight * ip
+
+    def double_block(self, ctx, args, call, **kw):
+        block = ctx.module()
+        ip = self._old_ip(ctx, IP.flux_double_query(block, args["img"], args["vec"]), block.num_heads)
+        res = call(args)
+        return {**res, "img": res["img"] + ip}
+
+    def single_block(self, ctx, args, call, **kw):
+        block = ctx.module()
+        ip = self._old_ip(ctx, IP.flux_single_query(block, args["img"][:, ctx.txt_len:], args["vec"]), block.num_heads)
+        res = call(args)
+        img = res["img"]
+        return {**res, "img": torch.cat([img[:, :ctx.txt_len], img[:, ctx.txt_len:] + ip], dim=1)}
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_default_settings_are_bit_identical_to_the_injector_before(family):
+    """Saved workflows (apply_to cond or cond+uncond, no weight_type/combine_embeds/embeds_scaling) sample exactly
+    what they sampled before; the new default apply_to with Omni-ID weights is 'cond' exactly."""
+    from helpers import MODELS, write_weights
+    m = OM.load_omni_id_model(os.path.join(MODELS, write_weights(family, f"bitexact_{family}.safetensors")))
+    cv = tm.tiny_clip_vision(0)
+    ident = N.OmniIDEncode.execute(m, cv, faces(2), "center").result[0]
+    model = tm.tiny_model(family, 0)
+    mask = torch.zeros(1, 128, 128)
+    mask[:, :, :64] = 1.0
+    for apply_to, rows, msk in (("cond", "cond", None), ("cond+uncond", "both", None), ("cond", "cond", mask),
+                                (NEG, "cond", None)):
+        new = N.OmniIDApply.execute(model, m, ident, 0.8, 0.0, 1.0, apply_to, msk).result[0]
+        old = P.apply_injector(model, OldIdentityInjector(m.adapter_for(model), ident.tokens, family, weight=0.8,
+                                                          mask=msk, apply_to=rows))
+        assert torch.equal(sample(new, family, size=16), sample(old, family, size=16)), apply_to
+    # the IP-Adapter baseline on its old settings, too
+    fm = load(os.path.basename(stand_in_files.write_ip_adapter_full_face(os.path.join(IPA_DIR, "ff_bitexact.safetensors"))))
+    if family != "flux":
+        fi = N.OmniIDEncode.execute(fm, cv, faces(2), "center").result[0]
+        new = N.OmniIDApply.execute(model, fm, fi, 0.8, 0.0, 1.0, "cond").result[0]
+        old = P.apply_injector(model, OldIdentityInjector(fm.adapter_for(model), fi.tokens, family, weight=0.8,
+                                                          apply_to="cond"))
+        assert torch.equal(sample(new, family), sample(old, family))
+
+
+def test_rows_that_discard_the_identity_do_not_compute_it():
+    m = load(write("plus", "sd15"))
+    ident = encode(m, tm.tiny_clip_vision(0), "plus", faces(1))
+    model = tm.tiny_model("sd15", 0)
+    n_sites = len(P.unet_block_keys(model.model.diffusion_model))
+    for apply_to, want in (("cond", {"cond"}), ("uncond", {"cond"}), ("cond+uncond", {"cond"}), (NEG, {"cond", "uncond"})):
+        with Trace() as t:
+            sample(apply(model, m, ident, apply_to=apply_to), "sd15", steps=1)
+        events = t.of("identity.attend")
+        assert {e["which"] for e in events} == want   # which token set ("uncond" = the negative)
+        rows = sum(e["rows"] for e in events)
+        batch = events[0]["batch"]
+        # one cond and one uncond row per call: 'cond'/'uncond' attend on half the rows, the others on all
+        assert rows == n_sites * (batch if apply_to in ("cond+uncond", NEG) else batch // 2), apply_to
+    # apply_to uncond: the cond rows are exactly the plain model's; the uncond rows attend to the identity
+    key = _sd_sites(model.model.diffusion_model)[0]
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(apply(model, m, ident, 0.8, apply_to="uncond"), rec), "sd15", steps=1)
+    k, v = _kv(raw(write("plus", "sd15")), model.model.diffusion_model, key, ident.tokens)
+    _assert_rows(rec.seen[key], {0: None, 1: (k, v)}, 0.8)
+
+
+def test_negative_image_is_what_the_uncond_rows_attend_to():
+    cv, images, neg = tm.tiny_clip_vision(0), faces(2), faces(1, seed=9)
+    name = write("plus", "sd15")
+    m = load(name)
+    ident = N.OmniIDEncode.execute(m, cv, images, "center", negative_image=neg).result[0]
+    assert ident.negative == "negative image"
+    p = {k[len("image_proj."):]: v for k, v in raw(name).items() if k.startswith("image_proj.")}
+    torch.testing.assert_close(ident.uncond_tokens, hand_tokens("plus", p, clip_of(cv, neg)), rtol=1e-4, atol=1e-5)
+    model = tm.tiny_model("sd15", 0)
+    dm = model.model.diffusion_model
+    key = _sd_sites(dm)[1]
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(apply(model, m, ident, 0.8), rec), "sd15", steps=1)
+    _assert_rows(rec.seen[key], {0: _kv(raw(name), dm, key, ident.tokens), 1: _kv(raw(name), dm, key,
+                                                                                  ident.uncond_tokens)}, 0.8)
+
+
+def test_omni_id_weights_leave_the_uncond_rows_alone_unless_a_negative_image_is_given():
+    from helpers import MODELS, write_weights
+    m = OM.load_omni_id_model(os.path.join(MODELS, write_weights("sd15", "neg_omni.safetensors")))
+    cv = tm.tiny_clip_vision(0)
+    model = tm.tiny_model("sd15", 0)
+    key = _sd_sites(model.model.diffusion_model)[0]
+    plain_neg = N.OmniIDEncode.execute(m, cv, faces(2), "center").result[0]
+    assert plain_neg.uncond_tokens is None
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(apply(model, m, plain_neg), rec), "sd15", steps=1)
+    seen = rec.seen[key]
+    u = seen["cou"].index(1)
+    assert torch.equal(seen["out"][u], seen["base"][u])
+    with_neg = N.OmniIDEncode.execute(m, cv, faces(2), "center", negative_image=faces(1, seed=5)).result[0]
+    want = OM.run_encoder(m.encoder, clip_tokens=clip_of(cv, faces(1, seed=5))["clip_tokens"][None])
+    torch.testing.assert_close(with_neg.uncond_tokens, want, rtol=1e-5, atol=1e-6)
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(apply(model, m, with_neg), rec), "sd15", steps=1)
+    seen = rec.seen[key]
+    assert not torch.equal(seen["out"][u], seen["base"][u])
+
+
+def test_an_identity_without_its_negative_is_refused_with_the_fix():
+    m = load(write("plus", "sd15"))
+    ident = encode(m, tm.tiny_clip_vision(0), "plus", faces(1))
+    loaded = OM.Identity(ident.tokens, [1], ident.encoder_type)   # what Load Identity gives (no negative stored)
+    with pytest.raises(ValueError, match="has no negative for the uncond rows.*choose apply_to 'cond'"):
+        apply(tm.tiny_model("sd15", 0), m, loaded)
+    apply(tm.tiny_model("sd15", 0), m, loaded, apply_to="cond")
