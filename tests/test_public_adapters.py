@@ -781,3 +781,185 @@ def test_an_identity_without_its_negative_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="has no negative for the uncond rows.*choose apply_to 'cond'"):
         apply(tm.tiny_model("sd15", 0), m, loaded)
     apply(tm.tiny_model("sd15", 0), m, loaded, apply_to="cond")
+
+
+# ==========================================================================================================
+# Everything built on Apply: regions, two identities, the window; Infinite-ID; RB-Guidance's M_gen
+
+
+def _left_right(size=128):
+    left = torch.zeros(1, size, size)
+    left[:, :, : size // 2] = 1.0
+    return left, 1.0 - left
+
+
+@pytest.mark.parametrize("kind,family", [("plus", "sd15"), ("faceid", "sd15"), ("basic", "sdxl"), ("full-face", "sd15")])
+def test_two_identities_in_two_regions_each_add_their_own_attention(kind, family):
+    name = write(kind, family)
+    cv, m = tm.tiny_clip_vision(0), load(name)
+    a = encode(m, cv, kind, faces(2, seed=1))
+    b = encode(m, cv, kind, faces(1, seed=2))
+    left, right = _left_right()
+    model = tm.tiny_model(family, 0)
+    dm = model.model.diffusion_model
+    key = _sd_sites(dm)[0]
+    two = apply(apply(model, m, a, 0.8, apply_to="cond+uncond", attn_mask=left), m, b, 0.6, apply_to="cond+uncond",
+                attn_mask=right)
+    rec = SiteRecorder([key])
+    sample(P.apply_injector(two, rec), family, steps=1)
+    seen = rec.seen[key]
+    p = raw(name)
+    h, w = 16, 16   # the first input block of a 16x16 latent
+    B = seen["q"].shape[0]
+    delta = (seen["out"] - seen["base"]).view(B, h, w, -1)
+    for ident, weight, cols in ((a, 0.8, slice(0, w // 2)), (b, 0.6, slice(w // 2, w))):
+        tok = ident.tokens if kind != "full-face" else hand_tokens("full-face", {k[11:]: v for k, v in p.items()
+                                                                             if k.startswith("image_proj.")},
+                                                                     {"clip_tokens": ident.tokens})
+        k, v = (t.expand(B, -1, -1) for t in _kv(p, dm, key, tok))
+        want = (weight * hand_attention(seen["q"], k, v, seen["heads"])).view(B, h, w, -1)
+        torch.testing.assert_close(delta[:, :, cols], want[:, :, cols], rtol=1e-4, atol=1e-5)
+    # the window: outside it nothing is computed; weight 0 is the plain model exactly
+    with Trace() as t:
+        sample(N.OmniIDApply.execute(model, m, a, 0.8, 0.5, 1.0, NEG).result[0], family, steps=4)
+    with Trace() as t_all:
+        sample(N.OmniIDApply.execute(model, m, a, 0.8, 0.0, 1.0, NEG).result[0], family, steps=4)
+    assert 0 < t.count("identity.attend") < t_all.count("identity.attend")
+    assert torch.equal(sample(N.OmniIDApply.execute(model, m, a, 0.0, 0.0, 1.0, NEG).result[0], family),
+                       sample(model, family))
+
+
+def _infinite(model, m, ident):
+    from idportrait.nodes.infinite_id import InfiniteIDApply
+    spec = InfiniteIDApply.INPUT_TYPES()
+    kw = {k: v[1]["default"] for part in ("required", "optional") for k, v in spec.get(part, {}).items()
+          if isinstance(v[1], dict) and "default" in v[1]}
+    kw.update(model=model, omni_id_model=m, identity=ident)
+    return InfiniteIDApply.execute(**kw).result[0]
+
+
+@pytest.mark.parametrize("kind,family", [("plus", "sdxl"), ("faceid-plus", "sd15"), ("xlabs", "flux")])
+def test_infinite_id_streams_take_the_public_adapters(kind, family):
+    name = write(kind, family)
+    cv, m = tm.tiny_clip_vision(0), load(name)
+    ident = encode(m, cv, kind, faces(2))
+    model = tm.tiny_model(family, 0)
+    with Trace() as t:
+        out = sample(_infinite(model, m, ident), family)
+    assert t.count("infinite_id.call") and t.count("identity.kv")   # both streams ran; the adapter was read
+    if family == "flux":   # XLabs: the adapter has no single blocks, and none was asked for
+        assert {str(e["site"]).split("_")[0] for e in t.of("identity.kv")} == {"double"}
+    assert not torch.equal(out, sample(model, family))
+
+
+def test_rb_guidance_reads_m_gen_from_a_public_adapters_attention():
+    """The recorded adapter map is the joint softmax mass on the identity keys, K_ip from the public file."""
+    from idportrait.guidance import rb_guidance as RG
+    name = write("plus", "sd15")
+    m = load(name)
+    ident = encode(m, tm.tiny_clip_vision(0), "plus", faces(1))
+    model = tm.tiny_model("sd15", 0)
+    inj = OM.identity_injector(m, model, ident, 1.0)
+    with_id = P.apply_injector(model, inj)
+    dm = model.model.diffusion_model
+    key = [k for k in P.unet_block_keys(dm) if k[0] == "input"][-1]
+    g = torch.Generator().manual_seed(0)
+    heads, d = 2, 32
+    q, k = torch.randn(1, 64, heads * d, generator=g), torch.randn(1, 77, heads * d, generator=g)
+    to = dict(with_id.model_options["transformer_options"])
+    to["activations_shape"] = [1, heads * d, 8, 8]
+    rec = RG.capture._AttnRecord((8, 8), [("adapter", 0)])
+    to[RG.CAPTURE_KEY] = RG.capture._Capture(RG.FeaturePoint("sd15", "mid", 0), 1, None, rec)
+    ctx = P.CallContext(kind="attn2", key=key, sigma=1.0, cond_or_uncond=[0], transformer_options=to, q=q, k=k, v=k,
+                        n_heads=heads)
+    RG.RBInjector().attn2(ctx, torch.zeros(1, 64, heads * d))
+    k_ip, _ = _kv(raw(name), dm, key, ident.tokens)
+    split = lambda t: t.view(1, -1, heads, d).transpose(1, 2)   # noqa: E731
+    lt = split(q) @ split(k).transpose(-1, -2) / d ** 0.5
+    li = split(q) @ split(k_ip).transpose(-1, -2) / d ** 0.5
+    joint = torch.cat([lt, li], -1).softmax(-1)
+    torch.testing.assert_close(rec.cross[0][0], joint[..., 77:].sum(-1).mean(1), rtol=1e-4, atol=1e-6)
+
+
+def _rb_workflow(family, adapter_file, kind, tag, p=8.5):
+    empty = "EmptySD3LatentImage" if family == "flux" else "EmptyLatentImage"
+    wf = {
+        "1": {"class_type": "IDP_TinyModels", "inputs": {"family": family, "weights_seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a woman"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "4": {"class_type": empty, "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "8": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0x996655}},
+        "9": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}},
+        "31": {"class_type": "IDP_IPAdapterFullFaceLoader", "inputs": {"ipadapter_file": adapter_file}},
+        "32": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
+        "33": {"class_type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ["31", 0], "clip_vision": ["32", 0],
+                                                            "faces": ["8", 0], "crop": "center"}},
+        "30": {"class_type": "IDP_OmniIDApply", "inputs": {"model": ["1", 0], "omni_id_model": ["31", 0],
+                                                           "identity": ["33", 0], "weight": 1.0, "start_at": 0.0,
+                                                           "end_at": 1.0, "apply_to": NEG}},
+        "10": {"class_type": "IDP_RBGuidanceGuider", "inputs": {
+            "model": ["30", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.0, "vae": ["1", 2], "p": p,
+            "u": 0.6, "t0": 671, "feature_point": "auto", "reference": ["8", 0], "reference_mask": ["9", 0],
+            "normalize_mask": True}},
+        "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+        "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "13": {"class_type": "BasicScheduler", "inputs": {"model": ["30", 0], "scheduler": "simple", "steps": 4,
+                                                          "denoise": 1.0}},
+        "14": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["11", 0], "guider": ["10", 0],
+                                                                 "sampler": ["12", 0], "sigmas": ["13", 0],
+                                                                 "latent_image": ["4", 0]}},
+        "15": {"class_type": "IDP_RBGuidanceMaskPreview", "inputs": {"guider": ["10", 0], "samples": ["14", 0]}},
+        "16": {"class_type": "SaveLatent", "inputs": {"samples": ["14", 0], "filename_prefix": f"pub/{tag}"}},
+        "17": {"class_type": "MaskToImage", "inputs": {"mask": ["15", 0]}},
+        "18": {"class_type": "PreviewImage", "inputs": {"images": ["17", 0]}},
+    }
+    return wf
+
+
+@pytest.mark.parametrize("kind,family", [("plus", "sdxl"), ("xlabs", "flux")])
+def test_rb_guidance_workflow_with_a_public_adapter_guides_inside_its_attention_region(kind, family):
+    name = write(kind, family)
+    ex = harness.run_workflow(_rb_workflow(family, name, kind, f"rb_{kind}"))
+    mgen = harness.node_output(ex, "15")
+    assert 0.0 < float(mgen.mean()) < 1.0   # M_gen from the adapter's attention: neither empty nor everything
+    ex0 = harness.run_workflow(_rb_workflow(family, name, kind, f"rb0_{kind}", p=0.0))
+    assert not torch.equal(harness.node_output(ex, "14")["samples"], harness.node_output(ex0, "14")["samples"])
+
+
+# ==========================================================================================================
+# Saved workflows: new inputs absent = the old results
+
+
+def test_saved_api_prompt_without_the_new_inputs_gives_the_same_latent_as_the_new_defaults():
+    from helpers import latest_latent, workflow, write_weights
+    name = write_weights("sd15", "legacy_prompt.safetensors")
+    old = workflow("sd15", name, mask=True)
+    assert "weight_type" not in old["14"]["inputs"] and "combine_embeds" not in old["13"]["inputs"]
+    harness.run_workflow(old)
+    a = latest_latent("sd15")
+    new = workflow("sd15", name, mask=True)
+    new["14"]["inputs"].update(weight_type="linear", embeds_scaling="V only")
+    new["13"]["inputs"].update(combine_embeds="concat")
+    harness.run_workflow(new)
+    assert torch.equal(a, latest_latent("sd15"))
+
+
+def test_saved_ui_workflow_from_before_the_new_widgets_converts_and_runs():
+    import json
+    import nodes
+    from idportrait.nodes import migrations as M
+    from workflow_tools import WorkflowFormatError, swap_stand_ins, ui_to_api
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy",
+                           "sdxl_omni_id_ui_v0.2.0.json")) as f:
+        old = json.load(f)
+    defs = lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()   # noqa: E731
+    with pytest.raises(WorkflowFormatError, match="widget"):
+        ui_to_api(old, defs)   # the saved file really lacks the new widgets...
+    ui = M.migrate_ui_workflow(old)
+    api = ui_to_api(ui, defs)   # ...and the migration gives them the defaults the frontend shows
+    apply_node = next(n for n in api.values() if n["class_type"] == "IDP_OmniIDApply")
+    assert apply_node["inputs"]["apply_to"] == "cond"   # the saved value, not the new default
+    assert apply_node["inputs"]["weight_type"] == "linear" and apply_node["inputs"]["embeds_scaling"] == "V only"
+    stand_in_files.prepare_files(ui, harness.BASE_DIR)
+    ex = harness.run_workflow(swap_stand_ins(api, ui))
+    assert any("images" in o for o in ex.history_result["outputs"].values())
