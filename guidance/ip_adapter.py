@@ -217,6 +217,8 @@ class IdentityInjector(Injector):
         return attn2 is None or sd_key_name(key) in attn2
 
     def wants(self, kind: str, key: tuple) -> bool:
+        if self.site_weights is not None and self.site_weights.get(tuple(key), self.weight) == 0.0:
+            return False   # weight_type turns this site off (style/composition): not even hooked, nor mapped
         return super().wants(kind, key) and self.has_site(kind, key)
 
     def site_weight(self, key) -> float:
@@ -282,7 +284,7 @@ class IdentityInjector(Injector):
         if w == 0.0:
             return out
         B = ctx.q.shape[0]
-        new = out
+        adds = []
         for rows, which in self._row_groups(ctx, B, ctx.q.device):
             if rows is not None and rows.numel() == 0:
                 continue   # rows that would discard the attention do not compute it
@@ -296,15 +298,8 @@ class IdentityInjector(Injector):
                                      transformer_options=ctx.transformer_options)
             record("identity.attend", injector=self, site=ctx.key, which=which, rows=q.shape[0], batch=B)
             ip = self._masked(ctx, ip, rows, B)
-            if self.embeds_scaling == "V only":
-                ip = w * ip
-            if rows is None:
-                new = new + ip
-            else:
-                if new is out:
-                    new = out.clone()
-                new[rows] = out[rows] + ip
-        return new
+            adds.append((rows, w * ip if self.embeds_scaling == "V only" else ip))
+        return _add_rows(out, adds)
 
     # -- FLUX
     def double_block(self, ctx: CallContext, args, call, **kwargs):
@@ -364,6 +359,7 @@ class IdentityInjector(Injector):
 
 
 def _add_rows(img: torch.Tensor, adds: list) -> torch.Tensor:
+    """``img`` plus each (rows or None = every row, values) of ``adds`` (``img`` itself is never changed)."""
     out = img
     for rows, ip in adds:
         if rows is None:

@@ -16,7 +16,7 @@ import comfy.utils
 
 import harness
 import stand_in_files
-from helpers import sample
+from helpers import diffusers_tiny_sd15_unet, sample
 from idportrait.face.sets import FaceEmbedding
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import omni_id as OM
@@ -392,21 +392,6 @@ def test_ip_adapter_baseline_default_uncond_rows_attend_to_clip_of_a_zero_pixel_
     assert not torch.allclose(seen["out"][rows], seen["base"][rows])
 
 
-def _diffusers_unet(model):
-    diffusers = pytest.importorskip("diffusers")
-    dm = model.model.diffusion_model
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=tm.TEXT_WIDTH,
-        attention_head_dim=8, norm_num_groups=32).eval()
-    ldm = dm.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    missing, unexpected = unet.load_state_dict({k: ldm[v] for k, v in mapping.items() if v in ldm}, strict=False)
-    assert not missing and not unexpected
-    return unet
-
-
 DIFFUSERS_CASES = [("full-face", True), ("plus", True), ("basic", True), ("faceid", True), ("faceid-plus", True),
                    ("faceid-plus", False)]
 
@@ -416,7 +401,7 @@ def test_sd15_layout_matches_diffusers_ip_adapter(kind, shortcut):
     """Differential: diffusers converts the same public state dict itself (its image projection and its
     IPAdapterAttnProcessor2_0 numbering) and runs its UNet with the same UNet weights."""
     model = tm.tiny_model("sd15", 0)
-    unet = _diffusers_unet(model)
+    unet = diffusers_tiny_sd15_unet(model)
     name = write(kind, "sd15")
     p = raw(name)
     nested = {"image_proj": {k[len("image_proj."):]: v for k, v in p.items() if k.startswith("image_proj.")},

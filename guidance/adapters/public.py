@@ -204,7 +204,7 @@ def what_is(sd: dict) -> str:
     has = lambda prefix: any(k.startswith(prefix) for k in keys)   # noqa: E731
     if has("pulid_encoder.") or has("pulid_ca.") or has("id_adapter."):
         return "PuLID weights (use a PuLID pack)"
-    if any(".lora_down." in k or ".lora_up." in k or k.startswith("lora_unet_") or ".lora_A." in k for k in keys):
+    if any("lora" in k.lower() for k in keys):
         return "a LoRA (load it with ComfyUI's LoRA loader; FaceID's companion LoRA goes there too)"
     if has("vision_model.") or has("visual.") or has("vision_model.encoder."):
         return "a CLIP vision model (put it in models/clip_vision and load it with Load CLIP Vision)"
@@ -248,9 +248,9 @@ def read_public_adapter(sd: dict, name: str) -> PublicAdapter:
                               "IP-Adapter uses; not supported")
         width = _shape(proj, "proj_in.weight")
         if width is not None and width[1] == 512:
-            raise OmniIDError(f"{name} is InstantID's adapter (an ArcFace embedding through a Resampler, made to work "
-                              "with its IdentityNet ControlNet); not supported here: use an InstantID pack, or an "
-                              "IP-Adapter FaceID file with the face embedding node")
+            raise OmniIDError(f"{name} is a Resampler over an ArcFace embedding (InstantID's adapter, made to work with "
+                              "its IdentityNet ControlNet, or FaceID portrait-unnorm): not supported here; use an "
+                              "IP-Adapter FaceID / FaceID-Plus file with the face embedding node")
         kind = "plus"
     elif "perceiver_resampler.proj_in.weight" in proj:
         kind = "faceid-plus"
