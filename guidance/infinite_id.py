@@ -366,7 +366,7 @@ class InfiniteIDInjector(Injector):
             add_rows.append(merge)
             add_w.append(torch.full((merge.numel(),), self.merge_weight, device=dev))
         ip = None
-        if add_rows:
+        if add_rows and self.identity.has_site(ctx.kind, ctx.key):   # XLabs' adapter: double blocks only
             rows, w = torch.cat(add_rows), torch.cat(add_w)
             vec = args["vec"][rows] if torch.is_tensor(args["vec"]) else args["vec"]
             q = (ip_adapter.flux_double_query(block, img_tokens[rows], vec) if ctx.kind == "double"

@@ -1,7 +1,8 @@
 """Infinite-ID node: an identity stream and a text stream joined by mixed attention and a cross-attention merge.
 
 The math and the batching live in guidance/infinite_id.py; the identity comes from the Omni-ID nodes
-(Omni-ID weights or the IP-Adapter CLIP baseline) through the same adapter check as Apply Omni-ID.
+(Omni-ID weights, or any public adapter of Load IP-Adapter: IP-Adapter plus/full-face/basic/FaceID/FaceID-Plus,
+XLabs FLUX) through the same adapter check as Apply Omni-ID.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ class InfiniteIDApply(io.ComfyNode):
                 "(Infinite-ID's weights are not public): lower merge_weight if the prompt gets lost."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model."),
-                OmniIDModelType.Input("omni_id_model", tooltip="From Load Omni-ID Model or the CLIP-baseline loader: "
-                                                               "its adapter drives the identity stream and the merge."),
+                OmniIDModelType.Input("omni_id_model", tooltip="From Load Omni-ID Model or Load IP-Adapter (any "
+                                                               "public layout): its adapter drives the identity stream "
+                                                               "and the merge."),
                 OmniIDType.Input("identity", tooltip="From Omni-ID Encode, Mix or Load Identity."),
                 io.Float.Input("identity_weight", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="Strength of the identity image-attention in the identity stream."),

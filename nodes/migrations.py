@@ -17,10 +17,16 @@ When an input is *added* with a default that would change what a saved workflow 
 * UI format: ``widgets_values`` of exactly the old length get the old values appended (the new inputs are
   optional and last, so the old values keep their positions); the web extension does the same in the browser.
 
+Inputs added with defaults that give the old results need no API migration (a prompt without them runs
+unchanged); UI workflows store widget values by position, and the frontend fills widgets added after the saved
+ones with their defaults, which ``migrate_ui_workflow`` does for our converter too (``ADDED_WIDGETS``).
+
 Migrations so far:
 * 0.1.0 → 0.2.0: the stand-in nodes' ``seed`` became ``weights_seed``: the frontend attaches a "control after
   generate: randomize" widget to any INT named ``seed``, which re-rolled the stand-in weights on every run.
-* after 0.2.0: RB-Guidance's ``match`` and ``reduction`` (default euclidean / sum, the paper's Eq. 7-8); workflows
+* 0.2.0 → 0.3.0: Apply Omni-ID gained ``weight_type`` and ``embeds_scaling``, Omni-ID Encode ``combine_embeds``,
+  Identity Encode from ArcFace ``combine_embeds``, ``faceid_plus`` and ``shortcut_scale`` (all after the old widgets).
+* 0.2.0 → 0.3.0: RB-Guidance's ``match`` and ``reduction`` (default euclidean / sum, the paper's Eq. 7-8); workflows
   saved before them ran cosine / mean, under which the same ``p`` pulls about 30 times harder, and keep that.
 """
 from __future__ import annotations
@@ -41,6 +47,13 @@ DROPPED_COMPANIONS: dict[str, dict[str, int]] = {
     "IDP_TinyModels": {"seed": 1},        # widgets_values: family, seed, <control>
     "IDP_TinyClipVision": {"seed": 0},    # widgets_values: seed, <control>
     "IDP_TinyControlNet": {"seed": 1},
+}
+
+# widgets added after the saved ones: node id -> (number of widget values before, the added widgets' defaults)
+ADDED_WIDGETS: dict[str, tuple[int, list]] = {
+    "IDP_OmniIDApply": (4, ["linear", "V only"]),                       # weight, start_at, end_at, apply_to
+    "IDP_OmniIDEncode": (1, ["concat"]),                                # crop
+    "IDP_OmniIDEncodeArcFace": (0, ["concat", "v2 (shortcut)", 1.0]),
 }
 
 
@@ -114,6 +127,11 @@ def migrate_ui_workflow(ui: dict) -> dict:
         if added is not None and isinstance(values, list) and len(values) == added.old_widgets:
             values.extend(added.values.values())
             _added_note(node.get("id"), t, added)
+        before, defaults = ADDED_WIDGETS.get(t, (None, []))
+        if isinstance(values, list) and len(values) == before:
+            values.extend(defaults)      # what the frontend shows for widgets the saved file did not have
+        elif values is None and before == 0:
+            node["widgets_values"] = list(defaults)
     return ui
 
 

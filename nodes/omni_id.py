@@ -12,9 +12,10 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..guidance import ip_adapter
+from ..guidance import omni_id as om
+from ..guidance.adapters import vocabulary as V
 from ..guidance.omni_id import Identity, encode_arcface, encode_faces, load_omni_id_model
-from ..guidance.patching import apply_injector, model_family
+from ..guidance.patching import apply_injector
 from ..omni_encoder import mixing, weights
 from .folders import register_model_folder
 
@@ -24,8 +25,13 @@ FOLDER = "omni_id"
 IPADAPTER_FOLDER = "ipadapter"
 
 
-for _name in (FOLDER, IPADAPTER_FOLDER):
-    register_model_folder(_name, {".safetensors", ".sft"})
+register_model_folder(FOLDER, {".safetensors", ".sft"})
+# IP-Adapter files also come as .bin (FaceID only so); ComfyUI reads them with torch.load(weights_only=True)
+register_model_folder(IPADAPTER_FOLDER, {".safetensors", ".sft", ".bin"})
+# XLabs' ComfyUI nodes keep their FLUX IP-Adapter in models/xlabs/ipadapters: list those files too
+_XLABS = os.path.join(folder_paths.models_dir, "xlabs", "ipadapters")
+if _XLABS not in folder_paths.get_folder_paths(IPADAPTER_FOLDER):
+    folder_paths.add_model_folder_path(IPADAPTER_FOLDER, _XLABS)
 
 OmniIDModelType = io.Custom("OMNI_ID_MODEL")
 OmniIDType = io.Custom("OMNI_ID")
@@ -57,13 +63,17 @@ class IPAdapterFullFaceLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="IDP_IPAdapterFullFaceLoader", display_name="Load IP-Adapter as CLIP Baseline (IDP)",
+            node_id="IDP_IPAdapterFullFaceLoader", display_name="Load IP-Adapter (IDP)",
             category="identity_portrait/omni_id",
-            description=("Loads a public IP-Adapter file whose image projection takes all 257 CLIP-H tokens "
-                         "(ip-adapter-full-face_sd15) from models/ipadapter, as Omni-ID's CLIP baseline: "
-                         "encode faces with it, then apply like an Omni-ID identity."),
+            description=("Loads a public identity adapter from models/ipadapter (or models/xlabs/ipadapters), told by "
+                         "its keys, not its name: IP-Adapter basic, plus, plus-face, full-face (Omni-ID's CLIP "
+                         "baseline), FaceID, FaceID-Plus (v1/v2) for SD1.5 and SDXL (ViT-H or ViT-bigG), and XLabs' "
+                         "FLUX IP-Adapter. Encode faces with it (FaceID kinds: from ArcFace), then apply like an "
+                         "Omni-ID identity. A file of another kind is refused with what it is."),
             inputs=[io.Combo.Input("ipadapter_file", options=folder_paths.get_filename_list(IPADAPTER_FOLDER),
-                                   tooltip="ip-adapter-full-face_sd15.safetensors (or another 257-token IP-Adapter).")],
+                                   tooltip="e.g. ip-adapter-plus-face_sdxl_vit-h.safetensors, "
+                                           "ip-adapter-full-face_sd15.safetensors, ip-adapter-faceid-plusv2_sd15.bin, "
+                                           "XLabs ip_adapter.safetensors (FLUX).")],
             outputs=[OmniIDModelType.Output(display_name="OMNI_ID_MODEL")])
 
     @classmethod
@@ -86,12 +96,21 @@ class OmniIDEncode(io.ComfyNode):
                 io.Image.Input("faces", tooltip="A batch of 1..N aligned face crops of the same person."),
                 io.Combo.Input("crop", options=["center", "none"], default="center",
                                tooltip="How CLIP preprocessing fits non-square crops to 224 px."),
+                io.Image.Input("negative_image", optional=True,
+                               tooltip="What the negative (uncond) rows attend to with apply_to 'cond, negative on "
+                                       "uncond'. Empty: the adapter's own 'no image' (IP-Adapter files: CLIP of an "
+                                       "all-zero pixel tensor, as the original; Omni-ID weights: none)."),
+                io.Combo.Input("combine_embeds", options=list(V.COMBINE_EMBEDS), default="concat", optional=True,
+                               tooltip="Several faces: concat keeps every image (Omni-ID: all into its encoder); add, "
+                                       "subtract (first minus the others' mean), average, norm average combine the "
+                                       "per-image CLIP features first."),
             ],
             outputs=[OmniIDType.Output(display_name="OMNI_ID")])
 
     @classmethod
-    def execute(cls, omni_id_model, clip_vision, faces, crop):
-        ident = encode_faces(omni_id_model, clip_vision, faces, crop == "center")
+    def execute(cls, omni_id_model, clip_vision, faces, crop, negative_image=None, combine_embeds="concat"):
+        ident = encode_faces(omni_id_model, clip_vision, faces, crop == "center", negative=negative_image,
+                             combine=combine_embeds)
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
@@ -101,20 +120,32 @@ class OmniIDEncodeArcFace(io.ComfyNode):
         return io.Schema(
             node_id="IDP_OmniIDEncodeArcFace", display_name="Identity Encode from ArcFace (IDP)",
             category="identity_portrait/omni_id",
-            description=("The appendix's ArcFace baselines: ArcFace embeddings of one person's faces (Face Embedding node) "
-                         "→ 256 identity tokens ('arcface' weights), or ArcFace-derived queries over CLIP tokens "
-                         "('arcface_clip' weights, which also need CLIP vision and the face crops)."),
+            description=("ArcFace embeddings of one person's faces (Face Embedding node) → one identity: IP-Adapter "
+                         "FaceID / FaceID-Plus files (Plus also needs CLIP vision and the aligned face crops, one per "
+                         "embedding), or the Omni-ID appendix's ArcFace baselines ('arcface' weights: 256 tokens; "
+                         "'arcface_clip': ArcFace-derived queries over CLIP tokens)."),
             inputs=[
-                OmniIDModelType.Input("omni_id_model", tooltip="Weights whose encoder_type is arcface or arcface_clip."),
+                OmniIDModelType.Input("omni_id_model", tooltip="An IP-Adapter FaceID / FaceID-Plus file, or Omni-ID "
+                                                               "weights whose encoder_type is arcface or arcface_clip."),
                 io.Custom("IDP_FACE_EMBEDDING").Input("face_embedding", tooltip="ArcFace embeddings of the faces (one person)."),
-                io.ClipVision.Input("clip_vision", optional=True, tooltip="Needed by arcface_clip weights."),
-                io.Image.Input("faces", optional=True, tooltip="The aligned face crops (arcface_clip weights)."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="Needed by FaceID-Plus and arcface_clip (ViT-H)."),
+                io.Image.Input("faces", optional=True, tooltip="The aligned face crops (FaceID-Plus, arcface_clip)."),
+                io.Combo.Input("combine_embeds", options=list(V.COMBINE_EMBEDS), default="concat", optional=True,
+                               tooltip="Several faces: concat keeps every image's tokens; add, subtract, average, "
+                                       "norm average combine the per-image embeddings first."),
+                io.Combo.Input("faceid_plus", options=["v2 (shortcut)", "v1"], default="v2 (shortcut)", optional=True,
+                               tooltip="FaceID-Plus files only (v1 and v2 have the same keys): v2 adds the ArcFace "
+                                       "tokens back (x + scale · resampler output), v1 does not."),
+                io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
+                               tooltip="FaceID-Plus v2: scale of the CLIP (structure) part."),
             ],
             outputs=[OmniIDType.Output(display_name="OMNI_ID")])
 
     @classmethod
-    def execute(cls, omni_id_model, face_embedding, clip_vision=None, faces=None):
-        ident = encode_arcface(omni_id_model, face_embedding.embeddings, clip_vision, faces)
+    def execute(cls, omni_id_model, face_embedding, clip_vision=None, faces=None, combine_embeds="concat",
+                faceid_plus="v2 (shortcut)", shortcut_scale=1.0):
+        ident = encode_arcface(omni_id_model, face_embedding.embeddings, clip_vision, faces, combine=combine_embeds,
+                               shortcut=faceid_plus.startswith("v2"), shortcut_scale=shortcut_scale)
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 
@@ -130,17 +161,28 @@ class OmniIDApply(io.ComfyNode):
                 io.Model.Input("model"),
                 OmniIDModelType.Input("omni_id_model"),
                 OmniIDType.Input("identity", tooltip="From Omni-ID Encode, Mix or Load Identity."),
-                io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
+                io.Float.Input("weight", default=1.0, min=V.WEIGHT_MIN, max=V.WEIGHT_MAX, step=0.05,
                                tooltip="Strength of the identity attention; 0 leaves the model exactly as it was."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling at which the identity starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the identity stops acting."),
-                io.Combo.Input("apply_to", options=["cond", "cond+uncond"], default="cond",
-                               tooltip="cond: only the positive prompt sees the identity (CFG then amplifies it); "
-                                       "cond+uncond: both do (weaker, sometimes cleaner)."),
+                io.Combo.Input("apply_to", options=list(om.APPLY_TO), default=om.NEGATIVE_ON_UNCOND,
+                               tooltip="cond, negative on uncond: the positive prompt sees the identity, the negative "
+                                       "sees the identity's negative (IP-Adapter files: the original's 'no image', or "
+                                       "the encoded negative image; Omni-ID weights: only a negative image, else "
+                                       "nothing). cond: only the positive prompt sees the identity (CFG amplifies it). "
+                                       "cond+uncond: both see it (weaker). uncond: only the negative sees it (steers "
+                                       "away from that face)."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional region (white = this identity) for several people in one image."),
+                io.Combo.Input("weight_type", options=list(V.WEIGHT_TYPES), default="linear", optional=True,
+                               tooltip="How the weight is spread over the layers: linear = the same everywhere; ease "
+                                       "in/out, in-out, weak/strong parts; style transfer / composition (SDXL, "
+                                       "InstantStyle's two attention modules)."),
+                io.Combo.Input("embeds_scaling", options=list(V.EMBEDS_SCALING), default="V only", optional=True,
+                               tooltip="V only: out + weight · attention (the original IP-Adapter). K+V: keys and "
+                                       "values scaled, so the weight also sharpens the identity attention."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")])
 
@@ -149,11 +191,10 @@ class OmniIDApply(io.ComfyNode):
         return True if start_at <= end_at else f"start_at ({start_at}) must not exceed end_at ({end_at})"
 
     @classmethod
-    def execute(cls, model, omni_id_model, identity, weight, start_at, end_at, apply_to, attn_mask=None):
-        adapter = omni_id_model.adapter_for(model)
-        inj = ip_adapter.IdentityInjector(adapter, identity.tokens, model_family(model), weight=weight, mask=attn_mask,
-                                   start_percent=start_at, end_percent=end_at,
-                                   apply_to="cond" if apply_to == "cond" else "both")
+    def execute(cls, model, omni_id_model, identity, weight, start_at, end_at, apply_to, attn_mask=None,
+                weight_type="linear", embeds_scaling="V only"):
+        inj = om.identity_injector(omni_id_model, model, identity, weight, start_at, end_at, apply_to, attn_mask,
+                                   weight_type, embeds_scaling)
         return io.NodeOutput(apply_injector(model, inj))
 
 
@@ -178,11 +219,14 @@ class IdentityMix(io.ComfyNode):
     def execute(cls, identity_a, identity_b, mode, weight_b):
         a = identity_a.tokens
         b = identity_b.tokens.to(a.device, a.dtype)   # loaded (CPU) and encoded (intermediate device) identities
-        if mode == "stack":
-            tokens = mixing.stack_identities([a, b])
-        else:
-            tokens = mixing.mix_identities([a, b], [1.0 - weight_b, weight_b])
-        ident = Identity(tokens, identity_a.num_source_images + identity_b.num_source_images, identity_a.encoder_type)
+        combine = (lambda x, y: mixing.stack_identities([x, y])) if mode == "stack" else \
+            (lambda x, y: mixing.mix_identities([x, y], [1.0 - weight_b, weight_b]))
+        ua, ub = identity_a.uncond_tokens, identity_b.uncond_tokens
+        uncond = None   # the negative mixes like the identity when both have one that fits
+        if ua is not None and ub is not None and (mode == "stack" or ua.shape == ub.shape):
+            uncond = combine(ua, ub.to(ua.device, ua.dtype))
+        ident = Identity(combine(a, b), identity_a.num_source_images + identity_b.num_source_images,
+                         identity_a.encoder_type, uncond, identity_a.negative if uncond is not None else "")
         return io.NodeOutput(ident, ui=identity_ui(ident))
 
 

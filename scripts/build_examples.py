@@ -141,6 +141,70 @@ def wf_sdxl_omni_id():
     return g
 
 
+IPA_PLUS_FACE_SDXL = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
+IPA_PLUS_FACE_SDXL_URL = ("https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/"
+                          "ip-adapter-plus-face_sdxl_vit-h.safetensors")
+XLABS_IPA = "ip_adapter.safetensors"
+XLABS_IPA_URL = "https://huggingface.co/XLabs-AI/flux-ip-adapter-v2/resolve/main/ip_adapter.safetensors"
+CLIP_L = "clip-vit-large-patch14.safetensors"
+CLIP_L_URL = "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main/model.safetensors"
+
+
+def ip_adapter_block(g, kind, family, model, faces, file, url, clip, clip_url, weight=1.0):
+    """A public adapter file (IP-Adapter or XLabs) → Encode → Apply, with the stand-in file CI writes in its layout."""
+    g["cv"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": clip},
+               "properties": {"idportrait_stand_in": {"class_type": "IDP_TinyClipVision", "inputs": {"weights_seed": 0}},
+                              "models": [{"name": clip, "url": clip_url, "directory": "clip_vision"}]}}
+    g["ipa"] = {"type": "IDP_IPAdapterFullFaceLoader", "inputs": {"ipadapter_file": file},
+                "properties": {"idportrait_stand_in_file": {"folder": "ipadapter", "kind": kind, "family": family},
+                               "models": [{"name": file, "url": url, "directory": "ipadapter"}]}}
+    g["enc"] = {"type": "IDP_OmniIDEncode", "inputs": {"omni_id_model": ("ipa", 0), "clip_vision": ("cv", 0),
+                                                       "faces": faces, "crop": "center", "combine_embeds": "concat"}}
+    g["apply"] = {"type": "IDP_OmniIDApply", "inputs": {"model": model, "omni_id_model": ("ipa", 0),
+                                                        "identity": ("enc", 0), "weight": weight, "start_at": 0.0,
+                                                        "end_at": 1.0, "apply_to": "cond, negative on uncond",
+                                                        "weight_type": "linear", "embeds_scaling": "V only"}}
+    return ("apply", 0)
+
+
+def wf_sdxl_ip_adapter_plus_face():
+    g = {"note": note(
+        "SDXL + the public IP-Adapter plus-face (no training needed).\n\nModels: sd_xl_base_1.0.safetensors in "
+        f"models/checkpoints; {IPA_PLUS_FACE_SDXL} (h94/IP-Adapter, sdxl_models/) in models/ipadapter; its image "
+        f"encoder is CLIP ViT-H/14: {CLIP_H} (h94/IP-Adapter, models/image_encoder/model.safetensors) in "
+        "models/clip_vision. Any IP-Adapter file works in this loader (told by its keys): plus, full-face, basic "
+        "(ViT-H or ViT-bigG), FaceID (encode from ArcFace). Feed aligned face crops of ONE person. The negative rows "
+        "attend to CLIP of an all-zero image, as the original (connect negative_image to change it).")}
+    g["ckpt"] = checkpoint("sdxl", "sd_xl_base_1.0.safetensors",
+                           "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0")
+    faces = detect_align(g, "align", load_faces(g))
+    applied = ip_adapter_block(g, "plus", "sdxl", ("ckpt", 0), faces, IPA_PLUS_FACE_SDXL, IPA_PLUS_FACE_SDXL_URL,
+                               CLIP_H, CLIP_H_URL, weight=0.8)
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "portrait photo of a person, studio light"}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": ("ckpt", 1), "text": "blurry, lowres"}}
+    sample_and_save(g, applied, ("pos", 0), ("neg", 0), ("ckpt", 2), "sdxl", steps=30, cfg=5.0,
+                    prefix="sdxl_ip_adapter_plus_face")
+    return g
+
+
+def wf_flux_xlabs_ip_adapter():
+    g = {"note": note(
+        "FLUX + XLabs' public FLUX IP-Adapter (v2; no training needed).\n\nModels: as in the FLUX example "
+        f"(flux1-dev in models/unet, clip_l and t5xxl_fp16 in models/clip, ae in models/vae); {XLABS_IPA} "
+        f"(XLabs-AI/flux-ip-adapter-v2) in models/ipadapter or models/xlabs/ipadapters; its image encoder is "
+        f"OpenAI CLIP ViT-L/14: {CLIP_L} (openai/clip-vit-large-patch14, model.safetensors) in models/clip_vision. "
+        "It acts after every double block, as released. XLabs tune it with true CFG in their own sampler; with "
+        "KSampler keep cfg 1 and FluxGuidance, and try weight 0.6-1.")}
+    model, clip, vae = flux_loaders(g)
+    applied = ip_adapter_block(g, "xlabs", "flux", model, load_faces(g), XLABS_IPA, XLABS_IPA_URL, CLIP_L, CLIP_L_URL,
+                               weight=0.8)
+    g["pos"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "portrait photo of a person, golden hour"}}
+    g["guid"] = {"type": "FluxGuidance", "inputs": {"conditioning": ("pos", 0), "guidance": 3.5}}
+    g["neg"] = {"type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    sample_and_save(g, applied, ("guid", 0), ("neg", 0), vae, "flux", cfg=1.0, prefix="flux_xlabs_ip_adapter")
+    return g
+
+
 def wf_sd15_omni_id_controlnet():
     g = {"note": note("SD1.5 + Omni-ID + ControlNet.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints; "
                       "control_v11p_sd15_openpose.safetensors in models/controlnet; the control image is a face "
@@ -411,6 +475,8 @@ WORKFLOWS = {
     "flux_rb_guidance": wf_flux_rb_guidance,
     "flashface_sd15_face_box": wf_flashface_sd15,
     "flux_training_free_reference_attention": wf_flux_reference_attention,
+    "sdxl_ip_adapter_plus_face": wf_sdxl_ip_adapter_plus_face,
+    "flux_xlabs_ip_adapter": wf_flux_xlabs_ip_adapter,
 }
 
 

@@ -145,11 +145,125 @@ def write_pivot_id(path: str, seed: int = 0, class_word: str = "woman", std: flo
     return path
 
 
+# ------------------------------------------------------------------------------------------ public adapter layouts
+# Tiny files with the public key names of each released layout (guidance/adapters/public.py), sized for the tiny
+# stand-ins: CLIP vision width TEXT_WIDTH (its 257 tokens and its image embedding), UNet context TEXT_WIDTH, the tiny
+# FLUX's width. Perceiver widths are 64 (one head of the released 64 channels) and depth 4, as released.
+
+PUBLIC_KINDS = ("full-face", "plus", "basic", "faceid", "faceid-plus", "xlabs")
+
+
+def _random_tensors(shapes: dict, seed: int, std: float = 0.2) -> dict:
+    """Seeded random tensors; LayerNorm weights near 1 (so outputs stay in a sane range)."""
+    import re
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        t = torch.randn(shape, generator=g) * std
+        norm = len(shape) == 1 and k.endswith("weight") and ("norm" in k or re.search(r"layers\.\d+\.1\.0\.weight$", k))
+        out[k] = 1.0 + t if norm else t
+    return out
+
+
+def _sd_layers(family: str, n_tokens_ctx: int) -> dict:
+    """``ip_adapter.{2k+1}.to_{k,v}_ip.weight`` shapes of a tiny UNet, in IP-Adapter's numbering."""
+    from idportrait.guidance import ip_adapter as IP
+    from idportrait.stand_ins import models as tm
+    dm = tm.tiny_model(family, 0).model.diffusion_model
+    dims = IP.SDIdentityAdapter.inner_dims_of(dm)
+    return {f"ip_adapter.{2 * n + 1}.{kv}.weight": (dims[key], n_tokens_ctx)
+            for n, key in enumerate(IP.ip_adapter_order(list(dims))) for kv in ("to_k_ip", "to_v_ip")}
+
+
+def _perceiver_shapes(prefix: str, embed: int, dim: int, out: int, depth: int = 4, ff_mult: int = 4) -> dict:
+    shapes = {f"{prefix}proj_in.weight": (dim, embed), f"{prefix}proj_in.bias": (dim,),
+              f"{prefix}proj_out.weight": (out, dim), f"{prefix}proj_out.bias": (out,),
+              f"{prefix}norm_out.weight": (out,), f"{prefix}norm_out.bias": (out,)}
+    for i in range(depth):
+        a, f = f"{prefix}layers.{i}.0.", f"{prefix}layers.{i}.1."
+        shapes.update({a + "norm1.weight": (dim,), a + "norm1.bias": (dim,), a + "norm2.weight": (dim,),
+                       a + "norm2.bias": (dim,), a + "to_q.weight": (dim, dim), a + "to_kv.weight": (2 * dim, dim),
+                       a + "to_out.weight": (dim, dim), f + "0.weight": (dim,), f + "0.bias": (dim,),
+                       f + "1.weight": (ff_mult * dim, dim), f + "3.weight": (dim, ff_mult * dim)})
+    return shapes
+
+
+def public_adapter_state_dict(kind: str, family: str = "sd15", seed: int = 5, lora: bool = False,
+                              clip_width: Optional[int] = None) -> dict:
+    """The state dict of a tiny public adapter of ``kind`` (PUBLIC_KINDS) for the tiny model of ``family``;
+    ``clip_width``: the CLIP vision stand-in's width it takes (tokens and image embedding; another width stands in
+    for ViT-bigG)."""
+    from idportrait.stand_ins import models as tm
+    w, ctx, tokens = clip_width or tm.TEXT_WIDTH, tm.TEXT_WIDTH, 4
+    if kind == "xlabs":
+        dm = tm.tiny_model("flux", 0).model.diffusion_model
+        ip_ctx = 48   # the released file projects to 4096 (T5's width); any width works
+        shapes = {"ip_adapter_proj_model.proj.weight": (tokens * ip_ctx, w), "ip_adapter_proj_model.proj.bias": (tokens * ip_ctx,),
+                  "ip_adapter_proj_model.norm.weight": (ip_ctx,), "ip_adapter_proj_model.norm.bias": (ip_ctx,)}
+        for i in range(len(dm.double_blocks)):
+            for kv in ("k", "v"):
+                p = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj."
+                shapes.update({p + "weight": (dm.hidden_size, ip_ctx), p + "bias": (dm.hidden_size,)})
+        return _random_tensors(shapes, seed)
+    shapes = _sd_layers(family, ctx)
+    if kind == "full-face":
+        shapes.update({"image_proj.proj.0.weight": (w, w), "image_proj.proj.0.bias": (w,), "image_proj.proj.2.weight": (ctx, w),
+                       "image_proj.proj.2.bias": (ctx,), "image_proj.proj.3.weight": (ctx,), "image_proj.proj.3.bias": (ctx,)})
+    elif kind == "basic":
+        shapes.update({"image_proj.proj.weight": (tokens * ctx, w), "image_proj.proj.bias": (tokens * ctx,),
+                       "image_proj.norm.weight": (ctx,), "image_proj.norm.bias": (ctx,)})
+    elif kind == "plus":
+        shapes.update({"image_proj.latents": (1, tokens, 64), **_perceiver_shapes("image_proj.", w, 64, ctx)})
+    elif kind in ("faceid", "faceid-plus"):
+        shapes.update({"image_proj.proj.0.weight": (1024, 512), "image_proj.proj.0.bias": (1024,),
+                       "image_proj.proj.2.weight": (tokens * ctx, 1024), "image_proj.proj.2.bias": (tokens * ctx,),
+                       "image_proj.norm.weight": (ctx,), "image_proj.norm.bias": (ctx,)})
+        if kind == "faceid-plus":
+            shapes.update(_perceiver_shapes("image_proj.perceiver_resampler.", w, ctx, ctx))
+    else:
+        raise ValueError(f"unknown public adapter kind {kind!r}; one of {PUBLIC_KINDS}")
+    sd = _random_tensors(shapes, seed)
+    if lora:   # FaceID's UNet LoRA, on every attention processor (rank 4 here, 128 released)
+        n_proc = 2 * len([k for k in shapes if k.endswith("to_k_ip.weight")])
+        g = seed + 1
+        for n in range(n_proc):
+            for which in ("q", "k", "v", "out"):
+                sd.update(_random_tensors({f"ip_adapter.{n}.to_{which}_lora.down.weight": (4, 8),
+                                           f"ip_adapter.{n}.to_{which}_lora.up.weight": (8, 4)}, g))
+                g += 1
+    return sd
+
+
+def write_public_adapter(path: str, kind: str, family: str = "sd15", seed: int = 5, lora: bool = False,
+                         clip_width: Optional[int] = None) -> str:
+    """A tiny public adapter file (safetensors, flat keys; ``.bin``: the nested layout, torch.save)."""
+    sd = public_adapter_state_dict(kind, family, seed, lora, clip_width)
+    if path.endswith(".bin"):
+        import torch
+        nested = {}
+        for k, v in sd.items():
+            top, rest = k.split(".", 1)
+            nested.setdefault(top, {})[rest] = v
+        torch.save(nested, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(sd, path)
+    return path
+
+
+def _write_ipadapter(spec: dict, path: str) -> str:
+    kind = spec.get("kind", "full-face")
+    if kind == "full-face" and spec.get("family", "sd15") == "sd15":
+        return write_ip_adapter_full_face(path)   # the file the demo and CI have always written
+    return write_public_adapter(path, kind, spec.get("family", "sd15"))
+
+
 # ------------------------------------------------------------------------------------------ per workflow
 
 STAND_IN_WRITERS = {"omni_id": lambda spec, path: write_omni_id_weights(spec["family"], path),
                     "flashface": lambda spec, path: write_flashface(path),
-                    "ipadapter": lambda spec, path: write_ip_adapter_full_face(path),
+                    "ipadapter": _write_ipadapter,
                     "pivot_id": lambda spec, path: write_pivot_id(path)}
 
 

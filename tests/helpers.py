@@ -133,3 +133,21 @@ def latest_latent(prefix):
     d = harness.output_file("omni")
     f = sorted(x for x in os.listdir(d) if x.startswith(prefix))[-1]
     return safetensors.torch.load_file(os.path.join(d, f))["latent_tensor"]
+
+
+def diffusers_tiny_sd15_unet(model):
+    """diffusers' UNet2DConditionModel with the architecture and the weights of the tiny SD1.5 stand-in ``model``
+    (for differential tests against diffusers' IP-Adapter processors); skips when diffusers is missing."""
+    import pytest
+    import comfy.utils
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=tm.TEXT_WIDTH,
+        attention_head_dim=8, norm_num_groups=32).eval()
+    ldm = model.model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    missing, unexpected = unet.load_state_dict({k: ldm[v] for k, v in mapping.items() if v in ldm}, strict=False)
+    assert not missing and not unexpected   # the map also lists optional layers
+    return unet

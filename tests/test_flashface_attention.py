@@ -220,7 +220,7 @@ def test_training_free_flux_blend_is_exact_on_image_queries():
     cap.inj = FF.injector_of(p)
     run(p, steps=1, cfg=4.0, family="flux")
     s = cap.seen[0]
-    q, k, v, t, heads = s["q"], s["k"], s["v"], s["txt"], s["heads"]
+    q, k, v, t = s["q"], s["k"], s["v"], s["txt"]
     kr, vr = s["feats"][0]                                           # (N, H, L, D) per reference face
     kr = kr.transpose(0, 1).reshape(kr.shape[1], -1, kr.shape[-1])[None]
     vr = vr.transpose(0, 1).reshape(vr.shape[1], -1, vr.shape[-1])[None]

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-import comfy.utils
 
 import harness  # noqa: F401
-from helpers import Recorder, TOKEN_DIM, identity_tokens, random_adapter, sample
+from helpers import Recorder, TOKEN_DIM, diffusers_tiny_sd15_unet, identity_tokens, random_adapter, sample
 from idportrait.guidance import ip_adapter as IP
 from idportrait.guidance import patching as P
 from idportrait.guidance.run_state import Trace
@@ -150,23 +149,11 @@ def test_public_ip_adapter_layout_converts_and_loads():
 
 def test_matches_diffusers_ip_adapter_processor_on_a_tiny_sd15_unet():
     """Differential test: same weights in diffusers' UNet2DConditionModel + IPAdapterAttnProcessor2_0."""
-    diffusers = pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
-    from diffusers.models.embeddings import IPAdapterFullImageProjection
-
     m = tm.tiny_model("sd15", 0)
     dm = m.model.diffusion_model
-    cfg = m.model.model_config.unet_config
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=tm.TEXT_WIDTH,
-        attention_head_dim=8, norm_num_groups=32).eval()
-    ldm = dm.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(cfg)
-    dsd = {k: ldm[v] for k, v in mapping.items() if v in ldm}   # the map also lists optional layers
-    missing, unexpected = unet.load_state_dict(dsd, strict=False)
-    assert not missing and not unexpected
+    unet = diffusers_tiny_sd15_unet(m)
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterFullImageProjection
 
     adapter = random_adapter(m, "sd15", scale=1.0)
     asd = adapter.state_dict()
