@@ -1,12 +1,16 @@
-"""Where a face is, from what the user gave: a box string, a detected face (M_ref), a prompt token."""
+"""Where a face is, from what the user gave: a box string, a detected face (M_ref), a prompt token; references
+brought to the model's working resolution around the face."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ...errors import RBGuidanceError
+from .energy import resize_mask
 
 MASK_SOURCES = ("auto", "box")
 
@@ -85,3 +89,45 @@ def find_token_index(clip, prompt: str, word: str, occurrence: int = 0) -> int:
         raise RBGuidanceError(f"class word {word!r} not found in the prompt {prompt!r}"
                               + (f" (only {len(hits)} occurrence(s))" if hits else ""))
     return hits[occurrence]
+
+
+# the model's working resolution: references larger than this are cropped to the face, then resized to it
+REFERENCE_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 1024}
+REFERENCE_SIZE_OTHER = 768
+FACE_CONTEXT = 2.0   # crop side / the face box's longer side (the face fills about half of the crop, as in FFHQ)
+
+
+def reference_size(family: str) -> int:
+    return REFERENCE_SIZE.get(family, REFERENCE_SIZE_OTHER)
+
+
+def _face_square(mask: torch.Tensor, h: int, w: int) -> tuple[int, int, int]:
+    """(top, left, side) of the square crop around the face region of one (H, W) mask, inside the image."""
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = min(h, w, max(1, math.ceil(FACE_CONTEXT * max(y1 - y0, x1 - x0))))
+    top = min(max(0, (y0 + y1 - side) // 2), h - side)
+    left = min(max(0, (x0 + x1 - side) // 2), w - side)
+    return top, left, side
+
+
+def fit_reference(images: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference photos (N, H, W, 3) and their face masks (N, H, W) at the working resolution ``size``.
+
+    Images no larger than ``size`` are returned as they are. Larger ones (a phone photo) are cropped to a square
+    around each face (``FACE_CONTEXT`` times its box), then resized so the side is at most ``size`` (a multiple of
+    64): the VAE and the reference pass see a bounded image whatever the photo's size, and the face keeps the
+    detail the DIFT features match on. Masks are cropped and resized the same way (then made binary again).
+    """
+    n, h, w = images.shape[:3]
+    if max(h, w) <= size:
+        return images, masks
+    boxes = [_face_square(masks[i], h, w) for i in range(n)]
+    side = max(64, min(size, max(b[2] for b in boxes)) // 64 * 64)
+    out_img, out_mask = [], []
+    for i, (top, left, s) in enumerate(boxes):
+        crop = images[i, top:top + s, left:left + s].movedim(-1, 0)[None].float()
+        out_img.append(F.interpolate(crop, size=(side, side), mode="bilinear", antialias=s > side,
+                                     align_corners=False).clamp(0, 1)[0].movedim(0, -1))
+        out_mask.append(resize_mask(masks[i:i + 1, top:top + s, left:left + s].float(), (side, side), 0.5)[0])
+    return torch.stack(out_img).to(images.dtype), torch.stack(out_mask)
