@@ -37,6 +37,7 @@ import comfy.ops
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..errors import OmniIDError
+from ..face.types import mask_batch
 from .patching import CallContext, Injector, unet_attention_module, unet_block_keys
 from .run_state import RunState, record
 
@@ -152,6 +153,7 @@ class IdentityInjector(Injector):
         self.patcher = adapter if isinstance(adapter, comfy.model_patcher.ModelPatcher) else None
         self.adapter = adapter.model if self.patcher is not None else adapter
         check_tokens_fit(self.adapter, tokens)
+        mask = None if mask is None else mask_batch(mask, "the identity's region mask (attn_mask)", OmniIDError)
         self.tokens, self.family, self.weight, self.mask = tokens, family, float(weight), mask
         self.kinds = ("double", "single") if family == "flux" else ("attn2",)
 

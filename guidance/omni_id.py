@@ -115,6 +115,7 @@ def load_omni_id_model(path: str) -> OmniIDModel:
         adapter = ip_adapter.adapter_from_state_dict(meta.base_family, proj_sd)
         return OmniIDModel(encoder.eval(), adapter, meta.base_family, meta, name)
     sd = comfy.utils.load_torch_file(path, safe_load=True)
+    weights.require_finite(sd, name)
     if any(k.startswith("ip_adapter.") for k in sd) and any(k.startswith("image_proj.") for k in sd):
         kind = public_ip_adapter_kind(sd)
         if kind != "full-face":
