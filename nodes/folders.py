@@ -106,3 +106,15 @@ def fingerprint_or_name(resolve, name) -> str:
         return file_fingerprint(resolve(name))
     except (OSError, ValueError):
         return f"unresolved:{name!r}"
+
+
+def folder_fingerprint(folders) -> str:
+    """``fingerprint_inputs`` of a node that reads a folder of files (an insightface pack): every file's relative
+    name, size and modification time."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for dirpath, _, files in sorted(os.walk(folder)):
+            for f in sorted(files):
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{os.path.relpath(os.path.join(dirpath, f), folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return "files:" + h.hexdigest()

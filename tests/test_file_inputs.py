@@ -200,3 +200,30 @@ def test_an_overwritten_identity_file_runs_again_over_http(server):
     torch.testing.assert_close(W.load_identity(os.path.join(out_dir, files[-1]))[0], second)
     e3 = _queue_and_wait(server, prompt)   # unchanged file: served from ComfyUI's cache
     assert "1" in _cached_nodes(e3) and len(saved()) == 2
+
+
+def test_every_file_reading_node_fingerprints_its_file():
+    """What ComfyUI compares before reusing a cached result: it changes when the file does, not otherwise."""
+    name = write_weights("sd15", "fp_weights.safetensors", seed=0)
+    a = N.OmniIDLoader.fingerprint_inputs(omni_id_file=name)
+    assert a == N.OmniIDLoader.fingerprint_inputs(omni_id_file=name)
+    write_weights("sd15", name, seed=1)
+    assert N.OmniIDLoader.fingerprint_inputs(omni_id_file=name) != a
+    assert N.OmniIDLoader.fingerprint_inputs(omni_id_file="../x").startswith("unresolved")   # never opened
+
+    d = stand_in_files.model_folder(harness.BASE_DIR, "flashface")
+    folder_paths.add_model_folder_path("flashface", d)
+    torch.save(tiny_state_dict(context=tm.TEXT_WIDTH, seed=0), os.path.join(d, "fp_flashface.ckpt"))
+    b = FN.FlashFaceLoader.fingerprint_inputs(flashface_file="fp_flashface.ckpt", weight_dtype="default")
+    torch.save(tiny_state_dict(context=tm.TEXT_WIDTH, seed=1), os.path.join(d, "fp_flashface.ckpt"))
+    assert FN.FlashFaceLoader.fingerprint_inputs(flashface_file="fp_flashface.ckpt", weight_dtype="default") != b
+
+    pack_dir = os.path.join(stand_in_files.model_folder(harness.BASE_DIR, "insightface"), "models", "fp_pack")
+    os.makedirs(pack_dir, exist_ok=True)
+    folder_paths.add_model_folder_path("insightface", os.path.dirname(os.path.dirname(pack_dir)))
+    with open(os.path.join(pack_dir, "det.onnx"), "wb") as f:
+        f.write(b"1")
+    c = FT.FaceInsightFaceLoader.fingerprint_inputs(pack="fp_pack")
+    with open(os.path.join(pack_dir, "det.onnx"), "wb") as f:
+        f.write(b"22")
+    assert FT.FaceInsightFaceLoader.fingerprint_inputs(pack="fp_pack") != c
