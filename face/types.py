@@ -115,9 +115,21 @@ def rgb_images(image: Optional[torch.Tensor], what: str, fix: str = "connect one
         raise error(f"{what}: {e}") from e
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN/inf in ``t``, checked a slab at a time: ``isfinite`` of a whole phone photo makes temporaries several
+    times its size."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.numel() <= chunk or t.dim() == 0:
+        return bool(torch.isfinite(t).all())
+    if t.shape[0] == 1:
+        return all_finite(t[0], chunk)
+    return all(all_finite(c, chunk) for c in t.split(max(1, chunk * t.shape[0] // t.numel())))
+
+
 def check_finite(t: torch.Tensor, what: str, kind: str = "values", error: type = InputError) -> torch.Tensor:
     """``t`` unchanged; ``error`` naming ``what`` if it holds NaN or infinite values."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise error(f"{what}: the {kind} include NaN or infinite numbers; fix the node that produced them")
     return t
 

