@@ -199,6 +199,9 @@ def detect_faces(images: torch.Tensor, detector: Optional[FaceDetector] = None,
     """
     if images.ndim == 3:
         images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise FaceError(f"cannot look for faces in an image of shape {tuple(images.shape)}: connect images with at "
+                        "least one pixel (B, H, W, C)")
     detector = detector or default_detector()
     result = []
     for i in range(images.shape[0]):

@@ -103,6 +103,9 @@ def face_masks(faces_per_image: Sequence[Sequence[FaceDetection]], height: int, 
     grow: dilate (> 0, exact round dilation of the hull) or erode (< 0) by this many pixels, or by this
     fraction of each face's box size when relative=True. feather_px: Gaussian edge softening.
     """
+    for name, v in (("grow", grow), ("feather", feather_px)):
+        if not math.isfinite(v):
+            raise FaceError(f"face mask: {name} is {v}; give a finite number of pixels")
     out = []
     for faces in faces_per_image:
         hard = np.zeros((height, width), np.float32)

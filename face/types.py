@@ -102,10 +102,47 @@ def faces_to_boxes(faces: list[FaceDetection]) -> torch.Tensor:
 def rgb_images(image: Optional[torch.Tensor], what: str, fix: str = "connect one or more images",
                error: type = InputError) -> torch.Tensor:
     """A ComfyUI IMAGE batch (B, H, W, C) as RGB (see ``to_rgb``). Raises ``error`` naming ``what`` for a missing or
-    empty batch, or an image that is not one."""
+    empty batch, an image of no pixels, NaN/inf pixels, or an image that is not one."""
     if image is None or image.ndim != 4 or image.shape[0] == 0:
         raise error(f"{what}: the image batch is empty; {fix}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise error(f"{what}: the images are {image.shape[2]}x{image.shape[1]} pixels; connect images with at least one "
+                    "pixel (a crop or resize upstream produced an empty image)")
+    check_finite(image, what, "pixel values", error)
     try:
         return to_rgb(image)
     except ValueError as e:
         raise error(f"{what}: {e}") from e
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN/inf in ``t``, checked a slab at a time: ``isfinite`` of a whole phone photo makes temporaries several
+    times its size."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.numel() <= chunk or t.dim() == 0:
+        return bool(torch.isfinite(t).all())
+    if t.shape[0] == 1:
+        return all_finite(t[0], chunk)
+    return all(all_finite(c, chunk) for c in t.split(max(1, chunk * t.shape[0] // t.numel())))
+
+
+def check_finite(t: torch.Tensor, what: str, kind: str = "values", error: type = InputError) -> torch.Tensor:
+    """``t`` unchanged; ``error`` naming ``what`` if it holds NaN or infinite values."""
+    if not all_finite(t):
+        raise error(f"{what}: the {kind} include NaN or infinite numbers; fix the node that produced them")
+    return t
+
+
+def mask_batch(mask: torch.Tensor, what: str, error: type = InputError) -> torch.Tensor:
+    """A ComfyUI MASK as (M, H, W) float: (H, W) gets a batch axis. Raises ``error`` naming ``what`` for another
+    number of dimensions, no mask or no pixels, or NaN/inf values."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise error(f"{what}: a MASK is (H, W) or (batch, H, W), got {shape}; connect a MASK output (Load Image's "
+                    "mask, Face Mask, Solid Mask, ...)")
+    m = mask[None] if mask.ndim == 2 else mask
+    if 0 in m.shape:
+        raise error(f"{what}: the mask is empty {tuple(mask.shape)}; connect a mask with at least one pixel (a mask "
+                    "node upstream found nothing)")
+    return check_finite(m.float(), what, "mask values", error)

@@ -24,7 +24,7 @@ import sys
 from typing import Mapping, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 try:
@@ -112,12 +112,22 @@ def _is_safetensors(path: str) -> bool:
         return fh.read(9)[8:9] == b"{"
 
 
+DAMAGED = ("the file is damaged or incomplete (an interrupted download or copy?): download or convert it again. "
+           + SOURCE_HINT)
+
+
 def read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     """The raw key -> tensor mapping of a pickle or safetensors file, without unpickling objects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no FlashFace checkpoint at {path}. {SOURCE_HINT}")
+    name = os.path.basename(path)
+    if os.path.getsize(path) == 0:
+        raise FlashFaceCheckpointError(f"{name} is empty (0 bytes); {DAMAGED}")
     if _is_safetensors(path):
-        return _SafetensorsFile(path)
+        try:
+            return _SafetensorsFile(path)
+        except SafetensorError as e:
+            raise FlashFaceCheckpointError(f"{name} is not a readable safetensors file ({e}); {DAMAGED}") from None
     try:
         try:
             sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
@@ -127,8 +137,15 @@ def read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
             log.warning("%s is in torch's legacy format and cannot be memory-mapped; reading it whole", path)
             sd = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():   # not a class the safe unpickler refused: bytes that are no pickle
+            raise FlashFaceCheckpointError(f"{name} is not a readable torch checkpoint (its bytes are not a "
+                                           f"pickle of tensors); {DAMAGED}") from None
         raise FlashFaceCheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({e}). {SOURCE_HINT}") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        # torch.load's errors for text, truncated zips and cut-off pickles are whatever the reader met first
+        raise FlashFaceCheckpointError(f"{name} is not a readable torch checkpoint ({type(e).__name__}: "
+                                       f"{str(e)[:120]}); {DAMAGED}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise FlashFaceCheckpointError(
             f"this is not a FlashFace checkpoint: {path} is not a flat dict of tensors. {SOURCE_HINT}")
@@ -286,9 +303,31 @@ def load(path: str, dtype=None, geometry: Geometry | str = SD15) -> FlashFaceWei
         geometry = infer_geometry(sd)
         if geometry != SD15:
             log.warning("%s has non-SD1.5 widths %s: a test checkpoint, not the released weights", path, geometry)
-    if isinstance(sd, _SafetensorsFile) and sd.metadata.get("format") == FORMAT:
-        return _load_converted(sd, _dtype(dtype), geometry)
-    return convert(sd, dtype, geometry)
+    try:
+        if isinstance(sd, _SafetensorsFile) and sd.metadata.get("format") == FORMAT:
+            out = _load_converted(sd, _dtype(dtype), geometry)
+        else:
+            out = convert(sd, dtype, geometry)
+    except SafetensorError as e:   # a readable header over missing or cut-off data
+        raise FlashFaceCheckpointError(f"{os.path.basename(path)}: a tensor cannot be read ({e}); {DAMAGED}") from None
+    _check_finite(out, os.path.basename(path), dtype)
+    return out
+
+
+def _check_finite(weights: FlashFaceWeights, name: str, dtype) -> None:
+    """NaN/inf weights load silently and sample an all-NaN latent: refuse them (after the dtype cast, which
+    turns values beyond fp16's range into inf)."""
+    seen = set()
+    for field, sd in zip(weights._fields, weights):
+        for key, t in sd.items():
+            if id(t) in seen or not t.is_floating_point():
+                continue
+            seen.add(id(t))
+            if not bool(torch.isfinite(t).all()):
+                hint = (" (or values beyond fp16's range: load it with weight_dtype bf16 or fp32)"
+                        if _dtype(dtype) == torch.float16 else "")
+                raise FlashFaceCheckpointError(f"{name}: {field} tensor {key!r} holds NaN or infinite values{hint}; "
+                                               f"{DAMAGED}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..errors import OmniIDError, PatchingError
 from .adapters.vocabulary import EMBEDS_SCALING
+from ..face.types import mask_batch
 from .patching import CallContext, Injector, unet_attention_module, unet_block_keys
 from .rows import row_mask
 from .run_state import RunState, record
@@ -179,6 +180,7 @@ class IdentityInjector(Injector):
         self.patcher = adapter if isinstance(adapter, comfy.model_patcher.ModelPatcher) else None
         self.adapter = adapter.model if self.patcher is not None else adapter
         check_tokens_fit(self.adapter, tokens)
+        mask = None if mask is None else mask_batch(mask, "the identity's region mask (attn_mask)", OmniIDError)
         if uncond_tokens is not None:
             check_tokens_fit(self.adapter, uncond_tokens)
             if self.apply_to != "both":

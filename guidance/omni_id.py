@@ -152,6 +152,7 @@ def load_omni_id_model(path: str) -> OmniIDModel:
                                                      file_keys={k: f"proj.{k}" for k in proj_sd})
         return OmniIDModel(encoder.eval(), adapter, meta.base_family, meta, name)
     sd = comfy.utils.load_torch_file(path, safe_load=True)
+    weights.require_finite(sd, name)
     try:
         public = read_public_adapter(sd, name)
     except OmniIDError as e:

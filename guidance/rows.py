@@ -136,6 +136,9 @@ def token_mask(mask: torch.Tensor, grid_hw: tuple[int, int], batch: int, chunks:
     """
     if mask.ndim == 2:
         mask = mask[None]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise InputError(f"a region mask is (H, W) or (batch, H, W) with at least one pixel, got {tuple(mask.shape)}: "
+                         "connect a MASK output")
     h, w = grid_hw
     m = F.interpolate(mask[:, None].float(), size=(h, w), mode="area" if mask.shape[-1] >= w else "bilinear")
     m = m.reshape(m.shape[0], h * w, 1).clamp(0, 1)

@@ -6,12 +6,14 @@ Each module exposes ``NODES``; all are imported eagerly (see scripts/embedded_co
 from comfy_api.latest import ComfyExtension, io
 
 from . import face_tools, flashface, infinite_id, migrations, omni_id, rb_guidance, tiny_models
+from .validation import guard
 
 _MODULES = (tiny_models, omni_id, flashface, rb_guidance, infinite_id, face_tools)
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    return [n for mod in _MODULES for n in mod.NODES]
+    """Every node of the pack, each with its schema checks installed (nodes/validation.py)."""
+    return [guard(n) for mod in _MODULES for n in mod.NODES]
 
 
 class IdentityPortraitExtension(ComfyExtension):

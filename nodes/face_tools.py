@@ -21,7 +21,7 @@ import folder_paths
 from ..face import align, detect, evaluate, landmarks, masks
 from ..face import insightface_loader as ifl
 from ..face.sets import FaceAnalysis, FaceEmbedding, FaceSet, ensure_landmarks, ensure_poses
-from .folders import register_model_folder
+from .folders import folder_fingerprint, register_model_folder
 from ..face.types import rgb_images
 from ..errors import FaceError
 
@@ -120,6 +120,12 @@ class FaceInsightFaceLoader(io.ComfyNode):
                                tooltip="Minimum detector score for a face."),
             ],
             outputs=[FaceAnalysisType.Output(display_name="FACE_ANALYSIS")])
+
+    @classmethod
+    def fingerprint_inputs(cls, pack, **kwargs):
+        if pack not in _pack_names():   # refused when it runs; never walk a folder named by an unchecked value
+            return f"unresolved:{pack!r}"
+        return folder_fingerprint(os.path.join(r, "models", pack) for r in folder_paths.get_folder_paths(FOLDER))
 
     @classmethod
     def execute(cls, pack, provider, det_size, det_thresh):

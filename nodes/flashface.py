@@ -16,7 +16,7 @@ import folder_paths
 
 from ..guidance import flashface
 from ..guidance.flashface import RELEASED, TRAINING_FREE
-from .folders import register_model_folder
+from .folders import fingerprint_or_name, model_file, register_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,12 @@ class FlashFaceLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, flashface_file, **kwargs):
+        return fingerprint_or_name(lambda n: model_file(FOLDER, n, "FlashFace Loader"), flashface_file)
+
+    @classmethod
     def execute(cls, flashface_file: str, weight_dtype: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(FOLDER, flashface_file)
+        path = model_file(FOLDER, flashface_file, "FlashFace Loader (IDP): flashface_file")
         return io.NodeOutput(flashface.load_flashface(path, weight_dtype))
 
 

@@ -17,7 +17,8 @@ from ..guidance.adapters import vocabulary as V
 from ..guidance.omni_id import Identity, encode_arcface, encode_faces, load_omni_id_model
 from ..guidance.patching import apply_injector
 from ..omni_encoder import mixing, weights
-from .folders import register_model_folder
+from ..errors import InputError
+from .folders import escapes_folder, fingerprint_or_name, model_file, register_model_folder, user_file
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ class OmniIDLoader(io.ComfyNode):
             outputs=[OmniIDModelType.Output(display_name="OMNI_ID_MODEL")])
 
     @classmethod
+    def fingerprint_inputs(cls, omni_id_file, **kwargs):
+        return fingerprint_or_name(lambda n: model_file(FOLDER, n, "Load Omni-ID Model"), omni_id_file)
+
+    @classmethod
     def execute(cls, omni_id_file):
-        return io.NodeOutput(load_omni_id_model(folder_paths.get_full_path_or_raise(FOLDER, omni_id_file)))
+        return io.NodeOutput(load_omni_id_model(model_file(FOLDER, omni_id_file, "Load Omni-ID Model: omni_id_file")))
 
 
 class IPAdapterFullFaceLoader(io.ComfyNode):
@@ -77,8 +82,13 @@ class IPAdapterFullFaceLoader(io.ComfyNode):
             outputs=[OmniIDModelType.Output(display_name="OMNI_ID_MODEL")])
 
     @classmethod
+    def fingerprint_inputs(cls, ipadapter_file, **kwargs):
+        return fingerprint_or_name(lambda n: model_file(IPADAPTER_FOLDER, n, "Load IP-Adapter"), ipadapter_file)
+
+    @classmethod
     def execute(cls, ipadapter_file):
-        return io.NodeOutput(load_omni_id_model(folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, ipadapter_file)))
+        return io.NodeOutput(load_omni_id_model(model_file(IPADAPTER_FOLDER, ipadapter_file,
+                                                           "Load IP-Adapter as CLIP Baseline: ipadapter_file")))
 
 
 class OmniIDEncode(io.ComfyNode):
@@ -243,6 +253,7 @@ class IdentitySave(io.ComfyNode):
 
     @classmethod
     def execute(cls, identity, filename_prefix):
+        _check_prefix(filename_prefix)
         full, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
         path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
         meta = {"encoder_type": identity.encoder_type}
@@ -252,30 +263,62 @@ class IdentitySave(io.ComfyNode):
         return io.NodeOutput(ui={"text": [os.path.relpath(path, folder_paths.get_output_directory())]})
 
 
+PREFIX_MAX_BYTES = 200   # file name part; the counter and extension add 19 (file systems allow 255)
+
+
+def _check_prefix(prefix: str) -> None:
+    """A save prefix must name a file under the output folder (checked before ComfyUI's helper, whose own
+    refusal prints the server's paths)."""
+    what = "Save Identity (IDP): filename_prefix"
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise InputError(f"{what} is empty; give a name such as 'identities/identity'")
+    if any(ord(c) < 32 for c in prefix):
+        raise InputError(f"{what} contains a control character (e.g. NUL); use letters, digits, '-', '_' and '/'")
+    if escapes_folder(prefix):
+        raise InputError(f"{what} must be a path inside the output folder, without '..' or a leading '/' "
+                         "(e.g. 'identities/identity')")
+    long = [p for p in prefix.replace("\\", "/").split("/") if len(p.encode("utf-8")) > PREFIX_MAX_BYTES]
+    if long or len(prefix.encode("utf-8")) > 1024:
+        raise InputError(f"{what} is too long: each folder or file name may have at most {PREFIX_MAX_BYTES} bytes "
+                         "(and the whole prefix 1024); use a shorter name")
+
+
 class IdentityLoad(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="IDP_IdentityLoad", display_name="Load Identity (IDP)", category="identity_portrait/omni_id",
-            description="Loads an identity saved by Save Identity (copy the file into ComfyUI's input folder).",
-            inputs=[io.Combo.Input("identity_file", options=_input_identities(),
-                                   tooltip="A .safetensors identity file in the input folder.")],
+            description=("Loads an identity saved by Save Identity: from ComfyUI's input folder, or (marked "
+                         "[output]) from output/identities, where Save Identity writes."),
+            inputs=[io.Combo.Input("identity_file", options=_identity_files(),
+                                   tooltip="A .safetensors identity file in the input folder, or one Save Identity "
+                                           "wrote to output/identities ('... [output]').")],
             outputs=[OmniIDType.Output(display_name="OMNI_ID")])
 
     @classmethod
+    def fingerprint_inputs(cls, identity_file, **kwargs):
+        # overwriting the file and queueing again must load the new identity, not ComfyUI's cached result
+        return fingerprint_or_name(lambda n: user_file(n, "Load Identity"), identity_file)
+
+    @classmethod
     def execute(cls, identity_file):
-        path = folder_paths.get_annotated_filepath(identity_file)
-        tokens, meta = weights.load_identity(path)
+        path = user_file(identity_file, "Load Identity (IDP): identity_file")
+        tokens, meta = weights.load_identity(path, name=identity_file)
         return io.NodeOutput(Identity(tokens, list(meta.get("num_source_images") or []),
                                       meta.get("encoder_type", "omni_id")))
 
 
-def _input_identities() -> list:
-    root = folder_paths.get_input_directory()
+def _safetensors_under(root: str) -> list:
     out = []
     for dirpath, _, files in os.walk(root):
         out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files if f.endswith(".safetensors")]
     return sorted(out)
+
+
+def _identity_files() -> list:
+    saved = os.path.join(folder_paths.get_output_directory(), "identities")
+    return _safetensors_under(folder_paths.get_input_directory()) + [
+        f"{os.path.join('identities', f)} [output]" for f in _safetensors_under(saved)]
 
 
 NODES = [OmniIDLoader, IPAdapterFullFaceLoader, OmniIDEncode, OmniIDEncodeArcFace, OmniIDApply, IdentityMix, IdentitySave, IdentityLoad]

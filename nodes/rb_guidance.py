@@ -73,7 +73,10 @@ def _energy_inputs() -> list:
 def _identity_inputs(prefix_optional: bool = True) -> list:
     return [
         io.Image.Input("reference", optional=prefix_optional,
-                       tooltip="Reference photo(s) of the person; several images of the same person are pooled."),
+                       tooltip="Reference photo(s) of the person; several images of the same person are pooled. A "
+                               "photo larger than the model's working size (SD1.5 512 px, SDXL/FLUX 1024 px) is "
+                               "cropped around the face (twice the face box) and resized to at most that size before "
+                               "encoding, so a phone photo costs what a working-size reference does."),
         io.Mask.Input("reference_mask", optional=True,
                       tooltip="Face region M_ref in the reference (one mask, or one per image). Not connected: the "
                               "face is detected with the face tools; an image without a face is an error."),

@@ -21,6 +21,7 @@ Batches of identities with different numbers of images are padded and carry an i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -64,8 +65,9 @@ class OmniIDConfig:
                 raise OmniIDError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_dim % self.heads:
             raise OmniIDError(f"token_dim {self.token_dim} is not divisible by heads {self.heads}")
-        if self.mlp_ratio <= 0:
-            raise OmniIDError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise OmniIDError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}: the weight file's metadata "
+                              "is damaged; re-save it with save_identity_weights")
 
     def to_dict(self) -> dict[str, str]:
         """Flat str -> str dict (safetensors metadata holds strings only)."""

@@ -208,6 +208,15 @@ def _few(keys: list, prefix: str, n: int = 3) -> str:
     return shown + (", ..." if len(keys) > n else "")
 
 
+def require_finite(tensors: Mapping[str, torch.Tensor], source: str, error: type = OmniIDError) -> None:
+    """Every floating tensor must be finite: a file holding NaN/inf loads silently and then samples NaN images."""
+    for key, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise error(f"{source}: tensor {key!r} holds {n} NaN or infinite value(s); the file is damaged or comes "
+                        "from a diverged training run: use another copy (or an earlier checkpoint)")
+
+
 def expected_encoder_shapes(config: OmniIDConfig) -> dict[str, tuple]:
     """Key -> shape of the encoder ``config`` describes, without allocating its weights."""
     with torch.device("meta"):
@@ -241,14 +250,17 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def read_metadata(path: PathLike) -> dict[str, str]:
-    """The safetensors metadata of ``path`` (empty if none); ValueError if it is not a safetensors file."""
+def read_metadata(path: PathLike, name: Optional[str] = None) -> dict[str, str]:
+    """The safetensors metadata of ``path`` (empty if none); ValueError if it is not a safetensors file.
+
+    ``name``: how messages call the file (e.g. the name a user chose; default: the path)."""
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise OmniIDError(f"{path} is not a readable safetensors file ({e}); pick a .safetensors file saved by "
-                         "this node pack") from None
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else e   # OSError's text repeats the path
+        raise OmniIDError(f"{name or path} is not a readable safetensors file ({detail}); pick a .safetensors file "
+                          "saved by this node pack") from None
 
 
 def load_identity_weights(path: PathLike, device: Union[str, torch.device] = "cpu"
@@ -273,6 +285,8 @@ def load_identity_weights(path: PathLike, device: Union[str, torch.device] = "cp
         raise OmniIDError(f"{path}: {len(other)} key(s) outside the encoder./proj. prefixes, e.g. {_few(other, '')}; "
                          "re-save the file with save_identity_weights")
     check_state_dict(expected_encoder_shapes(meta.config), encoder_sd, "encoder")
+    require_finite({ENCODER_PREFIX + k: v for k, v in encoder_sd.items()}, str(path))
+    require_finite({PROJ_PREFIX + k: v for k, v in proj_sd.items()}, str(path))
     log.info("loaded identity weights %s (%s for %s, version %s)", path, meta.encoder_type, meta.base_family,
              meta.config.version)
     return meta, encoder_sd, proj_sd
@@ -336,33 +350,43 @@ def save_identity(path: PathLike, tokens: torch.Tensor, meta: Optional[Mapping[s
     log.info("saved %d encoded identit%s (%d x %d tokens) to %s", n_id, "y" if n_id == 1 else "ies", n_tok, dim, path)
 
 
-def load_identity(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
+def load_identity(path: PathLike, device: Union[str, torch.device] = "cpu", name: Optional[str] = None
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read an encoded identity file: (tokens (N_id, L, C), metadata).
 
     In the metadata, num_identities / num_tokens / token_dim are ints and num_source_images a list of
-    ints; every other value is the stored string.
+    ints; every other value is the stored string. ``name``: how messages call the file (default: the path).
     """
-    md = read_metadata(path)
+    md = read_metadata(path, name)
+    src = name or str(path)
     fmt = md.get("format")
     if fmt == WEIGHTS_FORMAT:
-        raise OmniIDError(f"{path} holds identity encoder weights, not an encoded identity; load it with the "
+        raise OmniIDError(f"{src} holds identity encoder weights, not an encoded identity; load it with the "
                          "identity-weights loader and encode images with it")
     if fmt != IDENTITY_FORMAT:
-        raise OmniIDError(f"{path} is not an encoded identity file (metadata format={fmt!r}, expected "
+        raise OmniIDError(f"{src} is not an encoded identity file (metadata format={fmt!r}, expected "
                          f"{IDENTITY_FORMAT!r}); pick a file saved by save_identity")
-    _check_version(md, IDENTITY_FORMAT_VERSION, str(path))
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        if IDENTITY_KEY not in f.keys():
-            raise OmniIDError(f"{path} has no {IDENTITY_KEY!r} tensor; re-save it with save_identity")
-        tokens = f.get_tensor(IDENTITY_KEY)
+    _check_version(md, IDENTITY_FORMAT_VERSION, src)
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            if IDENTITY_KEY not in f.keys():
+                raise OmniIDError(f"{src} has no {IDENTITY_KEY!r} tensor; re-save it with save_identity")
+            tokens = f.get_tensor(IDENTITY_KEY)
+    except SafetensorError as e:   # a header that reads, then data that does not (truncated copy)
+        raise OmniIDError(f"{src} is damaged ({e}); save the identity again") from None
     meta: dict[str, Any] = dict(md)
     try:
         for k in ("num_identities", "num_tokens", "token_dim"):
             meta[k] = int(md[k])
         meta["num_source_images"] = [int(s) for s in json.loads(md.get("num_source_images", "[]"))]
     except (KeyError, ValueError, TypeError) as e:
-        raise OmniIDError(f"{path}: malformed identity metadata ({e}); re-save it with save_identity") from None
+        raise OmniIDError(f"{src}: malformed identity metadata ({e}); re-save it with save_identity") from None
     if tokens.ndim != 3 or tuple(tokens.shape) != (meta["num_identities"], meta["num_tokens"], meta["token_dim"]):
-        raise OmniIDError(f"{path}: tensor shape {tuple(tokens.shape)} disagrees with its metadata "
+        raise OmniIDError(f"{src}: tensor shape {tuple(tokens.shape)} disagrees with its metadata "
                          f"({meta['num_identities']}, {meta['num_tokens']}, {meta['token_dim']}); re-save it with save_identity")
+    if 0 in tokens.shape:
+        raise OmniIDError(f"{src} holds no identity (tokens {tuple(tokens.shape)}); save an encoded identity again")
+    if not tokens.is_floating_point():
+        raise OmniIDError(f"{src}: identity tokens are {tokens.dtype}, not floats; save the identity again")
+    require_finite({IDENTITY_KEY: tokens}, src)
     return tokens, meta

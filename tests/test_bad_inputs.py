@@ -71,11 +71,11 @@ def test_identity_from_another_encoder_is_refused_when_applied(family):
 
 
 def test_face_detect_align_empty_batch_and_gray_images():
-    fa = FT.FaceDetectorLoader.execute(0.5, 640, "cpu").result[0]
+    fa = FT.FaceDetectorLoader.execute(0.5, 640, "CPU").result[0]
     with pytest.raises(ValueError, match="the image batch is empty.*skip_images_without_face"):
-        FT.FaceDetectAlign.execute(fa, torch.zeros(0, 64, 64, 3), 112, 0.0, "largest", 0, 0, True)
+        FT.FaceDetectAlign.execute(fa, torch.zeros(0, 64, 64, 3), "112", 0.0, "largest", 0, 0, True)
     gray = torch.full((1, 64, 64, 1), 0.5)   # no face, but processed as RGB (skipped, not a shape error)
-    out = FT.FaceDetectAlign.execute(fa, gray, 112, 0.0, "largest", 0, 0, True).result
+    out = FT.FaceDetectAlign.execute(fa, gray, "112", 0.0, "largest", 0, 0, True).result
     assert out[0].shape[0] == 0 or out[0].shape[-1] == 3
 
 

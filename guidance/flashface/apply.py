@@ -9,6 +9,7 @@ import torch
 import comfy.patcher_extension
 
 from ...errors import FlashFaceError
+from ...face.types import mask_batch
 from ..patching import apply_injector, current_layer, model_family
 from .attention import FlashFaceInjector, ReferenceAttention, TrainingFreeInjector
 from .guidance import FlashFaceGuider, Guidance
@@ -48,6 +49,8 @@ def apply_flashface(model, references: FlashFaceReferences, guidance: Guidance, 
                              + FIX_NOT_FLASHFACE)
     _check_references(model, references)
     _check_not_applied(model)
+    if mask is not None:
+        mask = mask_batch(mask, "FlashFace face_mask", FlashFaceError)
     if mask is not None and mask.ndim == 3 and mask.shape[0] > 1:
         raise FlashFaceError(f"the face mask has {mask.shape[0]} masks; FlashFace takes one face position for the "
                              "whole batch: connect a single mask")

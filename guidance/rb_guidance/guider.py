@@ -2,9 +2,11 @@
 
 Per sampling run it
 
-1. encodes each reference image with the VAE once (at guider creation), noises it to t0 (671 on the
-   1000-step scale, converted to the model's own sigma), runs the model once (optionally an ensemble of
-   noise draws, averaged) and reads the DIFT features at the feature point;
+1. brings each reference to the model's working resolution (a photo larger than it is cropped around the
+   face, then resized: regions.fit_reference), encodes it with the VAE once (at guider creation), noises it
+   to t0 (671 on the 1000-step scale, converted to the model's own sigma), runs the model once per noise
+   draw of the ensemble (averaged; Cancel is honoured and progress reported between draws) and reads the
+   DIFT features at the feature point;
 2. for each step with ``sigma > sigma(uT)`` returns the plain CFG prediction untouched (bit-identical);
 3. for each step with ``sigma <= sigma(uT)``: after the plain CFG prediction, runs the positive
    conditioning once more through ComfyUI's own ``calc_cond_batch`` (ControlNet, hooks, other packs'
@@ -21,25 +23,29 @@ which is what ``flow_guidance_to_denoised`` takes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.samplers
+import comfy.utils
 
 from ...errors import FeaturePointError, RBGuidanceError
-from ...face.types import to_rgb
-from ..patching import LAYER_KEY, WRAPPER_KEY, apply_injector
+from ...face.types import check_finite, mask_batch, rgb_images
+from ..patching import LAYER_KEY, WRAPPER_KEY, apply_injector, model_family
+from ..run_state import record
 from . import energy
 from .capture import (CAPTURE_KEY, CAPTURE_WRAPPER_KEY, RBInjector, _AttnRecord, _Capture, _CaptureWrapper,
                       _FeatureReady, _identity_adapters, _StopAtOutputBlock)
 from .feature_points import FEATURE_AUTO, mask_grid, resolve_feature_point
 from .pivot import pivot_tokens
-from .regions import box_mask, detect_reference_masks
+from .regions import box_mask, detect_and_fit, fit_reference, reference_size
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,8 @@ class RBSettings:
             raise RBGuidanceError(f"match must be one of {', '.join(energy.MATCHES)}, got {self.match!r}")
         if self.reduction not in energy.REDUCTIONS:
             raise RBGuidanceError(f"reduction must be one of {', '.join(energy.REDUCTIONS)}, got {self.reduction!r}")
+        if not math.isfinite(self.p):
+            raise RBGuidanceError(f"p must be a finite number, got {self.p}")
         if not 0.0 <= self.u <= 1.0:
             raise RBGuidanceError(f"u must be in [0, 1], got {self.u}")
         if not 0.0 < self.t0 < 1000.0:
@@ -126,6 +134,7 @@ class RBGuider(comfy.samplers.CFGGuider):
         self.apply_guidance = apply_guidance
         self.record_grads = False      # keep each step's gradient in the trace (tests, diagnostics)
         self.point = resolve_feature_point(model_patcher, self.settings.feature_point)
+        self.reference_size = reference_size(model_family(model_patcher))   # see regions.fit_reference
         self.trace: list[StepTrace] = []
         self.last_gen_masks: Optional[list] = None
         self._refs = None          # per identity: (raw latents, ref masks (N, H, W))
@@ -147,29 +156,32 @@ class RBGuider(comfy.samplers.CFGGuider):
             img = ident.reference
             if img is None or img.dim() != 4 or img.shape[0] == 0:
                 raise RBGuidanceError(f"{who}: the reference must be an IMAGE batch with at least one image")
-            img = to_rgb(img)
+            img = rgb_images(img, f"{who}: reference", error=RBGuidanceError)
             n, h, w = img.shape[:3]
             if ident.reference_mask is not None:
-                m = ident.reference_mask
-                m = m[None] if m.dim() == 2 else m
+                m = mask_batch(ident.reference_mask, f"{who}: reference_mask", RBGuidanceError)
                 if m.shape[0] not in (1, n):
                     raise RBGuidanceError(f"{who}: {m.shape[0]} reference masks for {n} reference images")
                 m = energy.resize_mask(m.float(), (h, w), threshold=0.5).expand(n, h, w)
                 for i in range(n):
                     if not bool(m[i].any()):
                         raise RBGuidanceError(f"{who}: the reference mask of image {i + 1} is empty")
+                # a phone photo is brought to the working resolution around the face before the VAE sees it
+                img, m = fit_reference(img, m, self.reference_size)
             else:
-                m = detect_reference_masks(img, ident.reference_mask_source, who)
+                img, m = detect_and_fit(img, ident.reference_mask_source, who, self.reference_size)
+            comfy.model_management.throw_exception_if_processing_interrupted()
             with torch.no_grad():   # callable outside ComfyUI's inference mode too
                 lat = self.vae.encode(img)
+            record("rb.reference_encoded", identity=k, shape=tuple(img.shape))
             want = getattr(self.model_patcher.model.latent_format, "latent_channels", lat.shape[1])
             if lat.shape[1] != want:
                 raise RBGuidanceError(f"{who}: the VAE gives {lat.shape[1]}-channel latents but this model uses {want}: "
                                       "connect the VAE of this model's family")
+            check_finite(lat, f"{who}: the VAE-encoded reference", "latent values", RBGuidanceError)
             # the region in the generated image
             if ident.region_mask is not None:
-                rm = ident.region_mask
-                rm = rm[None] if rm.dim() == 2 else rm
+                rm = mask_batch(ident.region_mask, f"{who}: region_mask", RBGuidanceError)
                 if not bool((rm > 0.5).any()):
                     raise RBGuidanceError(f"{who}: the region mask is empty (no pixel > 0.5)")
                 src = None
@@ -234,18 +246,26 @@ class RBGuider(comfy.samplers.CFGGuider):
         ref_conds = [{k: v for k, v in c.items() if k not in ("control", "area", "mask", "gligen", "strength")}
                      for c in positive[:1]]
         feats = []
+        # one forward per noise draw: bounded memory, and Cancel and the progress bar work during a long ensemble
+        total, done = len(self._refs) * s.ensemble, 0
+        pbar = comfy.utils.ProgressBar(total)
         for k, (lat, m) in enumerate(self._refs):
             latent = self.inner_model.process_latent_in(lat.to(x.device, torch.float32))
             n = latent.shape[0]
             g = torch.Generator().manual_seed(int(s.ref_seed) + k)
             noise = torch.randn((s.ensemble,) + tuple(latent.shape), generator=g).to(x.device, latent.dtype)
-            lat_rep = latent[None].expand(s.ensemble, *latent.shape)
-            x_ref = ms.noise_scaling(torch.full((s.ensemble * n,), sigma_t0, device=x.device),
-                                     noise.reshape(-1, *latent.shape[1:]).clone(), lat_rep.reshape(-1, *latent.shape[1:]))
-            with torch.no_grad():
-                cap = self._forward(x_ref, torch.full((x_ref.shape[0],), sigma_t0, device=x.device), model_options,
-                                    ref_conds, _Capture(self.point, x_ref.shape[0]))
-            f = cap.features.float().reshape(s.ensemble, n, *cap.features.shape[1:]).mean(0)   # (N, C, h, w)
+            sig = torch.full((n,), sigma_t0, device=x.device)
+            acc = None
+            for e in range(s.ensemble):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                x_ref = ms.noise_scaling(sig, noise[e].clone(), latent)
+                with torch.no_grad():
+                    cap = self._forward(x_ref, sig, model_options, ref_conds, _Capture(self.point, n))
+                acc = cap.features.float() if acc is None else acc + cap.features.float()
+                done += 1
+                record("rb.reference_draw", identity=k, draw=e)
+                pbar.update_absolute(done, total)
+            f = acc / s.ensemble   # (N, C, h, w): the ensemble mean
             mf = energy.resize_mask(m.to(f.device), f.shape[-2:])
             for i in range(n):
                 if not bool(mf[i].any()):
@@ -332,6 +352,11 @@ class RBGuider(comfy.samplers.CFGGuider):
             with torch.enable_grad():
                 res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, match=s.match,
                                                       reduction=s.reduction)
+        if not bool(torch.isfinite(res.grad).all()):
+            raise RBGuidanceError(
+                f"the guidance gradient at sigma {float(timestep.flatten()[0]):.4g} is NaN or infinite (the energy is "
+                f"{res.energy.flatten().tolist()}): sampling stopped instead of writing NaN into the latent. Lower p, "
+                "use fp32/bf16 weights instead of fp16, or check the model and references for NaN values")
         self.last_gen_masks = [gm.detach().cpu() for gm in gen_masks]
         self.trace.append(StepTrace(float(timestep.flatten()[0]), True, res.energy.cpu(), res.s_hat.cpu(), res.valid.cpu(),
                                     [int(energy.resize_mask(gm, fhw)[0].sum()) for gm in gen_masks],
