@@ -1,16 +1,14 @@
-import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (loads a real ComfyUI and this pack once per session)
+from helpers import http_get, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,17 +29,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def _post(url, payload, timeout=10):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="session")
 def server():
     base = tempfile.mkdtemp(prefix="idp-server-")
@@ -57,16 +44,14 @@ def server():
         env={**os.environ, "OMP_NUM_THREADS": "1"})   # the same one-thread kernels as the in-process runs (one_thread)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
+        def answering():
+            if proc.poll() is not None:
+                raise RuntimeError("ComfyUI server exited:\n" + open(log_path).read()[-4000:])
             try:
-                if _get(url + "/system_stats", timeout=2)[0] == 200:
-                    break
+                return http_get(url + "/system_stats", timeout=5)[0] == 200
             except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ComfyUI server did not start:\n" + open(log_path).read()[-4000:])
-            time.sleep(0.5)
+                return False
+        wait_until(answering, "ComfyUI server start")
         yield {"url": url, "base": base, "log": log_path}
     finally:
         proc.terminate()

@@ -2,7 +2,6 @@
 import asyncio
 import json
 import os
-import time
 import uuid
 
 import pytest
@@ -11,7 +10,7 @@ import execution
 import nodes
 
 import harness
-from conftest import _get, _post
+from helpers import run_over_http
 from idportrait.nodes import migrations as M
 from workflow_tools import WorkflowFormatError, ui_to_api
 
@@ -49,13 +48,6 @@ def test_old_ui_workflow_fails_unmigrated_and_converts_migrated():
 
 @pytest.mark.server
 def test_old_api_prompt_runs_over_http(server):
-    resp = _post(server["url"] + "/prompt", {"prompt": load("tiny_sd15_api_v0.1.0.json"), "client_id": str(uuid.uuid4())})
+    resp, entry, _ = run_over_http(server["url"], load("tiny_sd15_api_v0.1.0.json"))
     assert resp["node_errors"] == {}
-    pid, deadline = resp["prompt_id"], time.time() + 120
-    while True:
-        hist = json.loads(_get(server["url"] + f"/history/{pid}")[1])
-        if pid in hist and hist[pid]["status"].get("completed"):
-            break
-        assert time.time() < deadline
-        time.sleep(0.3)
-    assert hist[pid]["status"]["status_str"] == "success"
+    assert entry["status"]["status_str"] == "success", entry["status"]
