@@ -1,12 +1,7 @@
 """Helpers shared by the test modules (import from here, never from another test file).
 
 Everything runs on the tiny stand-in models in the embedded ComfyUI (harness.py)."""
-import asyncio
-import json
 import os
-import time
-import urllib.request
-import uuid
 
 import torch
 
@@ -140,76 +135,5 @@ def latest_latent(prefix):
     return safetensors.torch.load_file(os.path.join(d, f))["latent_tensor"]
 
 
-# --- a real ComfyUI server over HTTP and its websocket -------------------------------------------------------
-# Tests wait on events (the server's answer, its websocket messages, history entries, DOM state). HANG_CAP_S only
-# guards against a hang: a slow or loaded machine never reaches it.
-HANG_CAP_S = float(os.environ.get("IDP_TEST_HANG_CAP_S", "1800"))
-
-
-def http_get(url, timeout=HANG_CAP_S):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def http_post(url, payload, timeout=HANG_CAP_S):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def wait_until(ready, what: str, poll_s: float = 0.05):
-    """Poll ``ready()`` until it returns a truthy value (returned); HANG_CAP_S only guards against a hang."""
-    start = time.monotonic()
-    while True:
-        got = ready()
-        if got:
-            return got
-        if time.monotonic() - start > HANG_CAP_S:
-            raise AssertionError(f"{what}: nothing after {HANG_CAP_S:.0f} s (a hang)")
-        time.sleep(poll_s)
-        poll_s = min(poll_s * 1.5, 1.0)
-
-
-def history_entry(url: str, prompt_id: str):
-    """The finished history entry of a prompt (None while it runs)."""
-    hist = json.loads(http_get(url + f"/history/{prompt_id}")[1])
-    entry = hist.get(prompt_id)
-    return entry if entry and entry["status"].get("completed") is not None else None
-
-
-def run_over_http(url: str, prompt: dict):
-    """Queue ``prompt`` over HTTP as a client with a websocket, and wait for its end on that websocket.
-
-    Returns (the /prompt answer, the history entry, the JSON websocket messages of this prompt, in order).
-    """
-    import aiohttp
-    client_id = str(uuid.uuid4())
-
-    async def go():
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url.replace("http", "ws", 1) + f"/ws?clientId={client_id}") as ws:
-                async with session.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
-                    answer = await r.json()
-                if "prompt_id" not in answer:
-                    return answer, []
-                pid, events = answer["prompt_id"], []
-                while True:
-                    msg = await ws.receive(timeout=HANG_CAP_S)
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        event = json.loads(msg.data)
-                        data = event.get("data") or {}
-                        if data.get("prompt_id") not in (None, pid):
-                            continue
-                        events.append(event)
-                        if data.get("prompt_id") == pid and event["type"] in (
-                                "execution_success", "execution_error", "execution_interrupted"):
-                            return answer, events
-                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        raise AssertionError(f"the server closed the websocket: {msg}")
-                    # binary messages are previews: not ours to read
-
-    answer, events = asyncio.run(go())
-    entry = None
-    if "prompt_id" in answer:   # the history entry is stored right after the last message
-        entry = wait_until(lambda: history_entry(url, answer["prompt_id"]), "history entry")
-    return answer, entry, events
+# --- a real ComfyUI server over HTTP and its websocket: scripts/comfy_server.py (shared with bench/soak.py)
+from comfy_server import HANG_CAP_S, history_entry, http_get, http_post, run_over_http, wait_until  # noqa: E402,F401
