@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 log = logging.getLogger("idportrait.soak")
 RSS_BAND = 0.05
+WARMUP_ROUNDS = 2   # RSS settles once every workflow has run twice (first allocations, then the allocator's reuse)
 
 
 def plain_graph(seed: int, prefix: str, steps: int = 3) -> dict:
@@ -69,11 +70,61 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2 ** 20
 
 
+def pack_objects(examples, rounds: int, rng) -> list:
+    """Every example (and the plain graph) ``rounds`` times in-process, in one executor with ComfyUI's classic cache
+    as the server keeps it; after each round, what is still alive: tensors, ModelPatchers, run states, injectors."""
+    import asyncio
+    import gc
+    import uuid
+
+    import torch
+
+    import comfy.model_patcher
+    import embedded_comfy
+    import execution
+    from idportrait.guidance.patching import Injector
+    from idportrait.guidance.run_state import RunState
+    executor = execution.PromptExecutor(embedded_comfy._StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+    def run(prompt):
+        pid = str(uuid.uuid4())
+        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
+        if not ok:
+            raise RuntimeError(f"invalid graph: {err} {node_errors}")
+        executor.execute(prompt, pid, {}, outputs)
+
+    for _, ui, _ in examples:
+        import stand_in_files
+        stand_in_files.prepare_files(ui, embedded_comfy.BASE_DIR)
+    out = []
+    for r in range(rounds):
+        for _, _, api in examples:
+            seed = rng.randrange(2 ** 31)
+            run(plain_graph(seed, "soak/in_a"))
+            run(reseed(api, rng))
+            run(plain_graph(seed, "soak/in_b"))
+        gc.collect()
+        objs = gc.get_objects()
+        tensors = [o for o in objs if isinstance(o, torch.Tensor) and not o.is_meta]
+        counts = {"tensors": len(tensors),
+                  "tensor_mb": round(sum(t.untyped_storage().nbytes() for t in tensors) / 2 ** 20, 2),
+                  "model_patchers": sum(isinstance(o, comfy.model_patcher.ModelPatcher) for o in objs),
+                  "run_states": sum(isinstance(o, RunState) for o in objs),
+                  "injectors": sum(isinstance(o, Injector) for o in objs), "gc_objects": len(objs)}
+        del objs, tensors   # the counting lists must not keep this round's objects alive into the next
+        out.append(counts)
+        log.info("in-process round %d: %s", r + 1, counts)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workflows", type=int, default=100, help="patched workflows to queue (default 100)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "soak_cpu.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--object-rounds", type=int, default=3,
+                    help="rounds of every example in-process afterwards, counting the objects the pack keeps")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -153,9 +204,13 @@ def main(argv=None) -> int:
         record["rss_mb_end"] = round(rss_mb(pid), 1)
     record["seconds_total"] = round(time.time() - t_start, 1)
 
-    warm = [w["rss_mb"] for w in record["workflows"][len(examples):]]
+    record["pack_objects_per_round"] = pack_objects(examples, a.object_rounds, rng)
+    warmup = WARMUP_ROUNDS * len(examples)
+    warm = [w["rss_mb"] for w in record["workflows"][warmup:]]
     median = statistics.median(warm) if warm else float("nan")
-    record["rss_after_warmup"] = {"first_round": len(examples), "median_mb": round(median, 1),
+    record["rss_per_round_max_mb"] = [max(w["rss_mb"] for w in record["workflows"][k:k + len(examples)])
+                                      for k in range(0, len(record["workflows"]), len(examples))]
+    record["rss_after_warmup"] = {"warmup_workflows": warmup, "median_mb": round(median, 1),
                                   "min_mb": min(warm) if warm else None, "max_mb": max(warm) if warm else None,
                                   "max_deviation": round(max(abs(r / median - 1) for r in warm), 4) if warm else None}
     checks = {
@@ -164,6 +219,9 @@ def main(argv=None) -> int:
         "rss_flat_after_warmup": bool(warm) and record["rss_after_warmup"]["max_deviation"] <= RSS_BAND,
         "interrupt_recovers": record["interrupt"]["ended_interrupted"] and record["interrupt"]["next_run_identical"],
         "two_clients": record["two_clients"] == ["success", "success"],
+        # what the pack keeps between runs: the same after every round (ComfyUI's own cache holds one prompt's outputs)
+        "pack_objects_flat": len({json.dumps({k: v for k, v in r.items() if k != "gc_objects"}, sort_keys=True)
+                                  for r in record["pack_objects_per_round"][1:]}) <= 1,
     }
     record["checks"] = checks
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -173,7 +231,7 @@ def main(argv=None) -> int:
     step = max(1, len(trend) // 10)
     log.info("RSS (MB) every %d workflows: %s", step, " ".join(f"{r:.0f}" for r in trend[::step]))
     log.info("after warm-up (%d workflows): median %.1f MB, range %s..%s, max deviation %.1f%% (band ±%.0f%%)",
-             len(examples), median, record["rss_after_warmup"]["min_mb"], record["rss_after_warmup"]["max_mb"],
+             warmup, median, record["rss_after_warmup"]["min_mb"], record["rss_after_warmup"]["max_mb"],
              100 * (record["rss_after_warmup"]["max_deviation"] or 0), 100 * RSS_BAND)
     log.info("checks: %s", ", ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in checks.items()))
     log.info("wrote %s", a.out)
