@@ -12,6 +12,8 @@ import logging
 from comfy_api.latest import io
 
 import comfy.sample
+import comfy.utils
+import latent_preview
 import folder_paths
 
 from ..guidance import flashface
@@ -263,8 +265,11 @@ class FlashFaceSampler(io.ComfyNode):
             raise flashface.FlashFaceError(f"the latent has {latent.shape[1]} channels; FlashFace is an SD1.5 model (4): use an "
                                     "Empty Latent Image or a latent from an SD1.5 VAE")
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        samples = comfy.sample.sample(m, noise, steps, cfg, RELEASED["sampler"], RELEASED["scheduler"], positive, negative, latent,
-                                      denoise=1.0, noise_mask=latent_image.get("noise_mask"), seed=seed)
+        # the UI's progress bar and previews, as KSampler gives them
+        samples = comfy.sample.sample(m, noise, steps, cfg, RELEASED["sampler"], RELEASED["scheduler"], positive,
+                                      negative, latent, denoise=1.0, noise_mask=latent_image.get("noise_mask"),
+                                      callback=latent_preview.prepare_callback(m, steps),
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         out = {k: v for k, v in latent_image.items() if k != "noise_mask"}
         out["samples"] = samples
         return io.NodeOutput(out)

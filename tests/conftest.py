@@ -1,16 +1,11 @@
-import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (loads a real ComfyUI and this pack once per session)
+from comfy_server import running_server  # noqa: E402  (scripts/, on sys.path through harness)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,55 +20,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def _post(url, payload, timeout=10):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="session")
 def server():
-    base = tempfile.mkdtemp(prefix="idp-server-")
-    os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(harness.REPO, os.path.join(base, "custom_nodes", harness.PACK_NAME))
-    port = _free_port()
-    log_path = os.path.join(base, "server.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
-         "--disable-api-nodes", "--disable-auto-launch", "--use-pytorch-cross-attention"],
-        cwd=harness.COMFY_DIR, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})   # the same one-thread kernels as the in-process runs (one_thread)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if _get(url + "/system_stats", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ComfyUI server did not start:\n" + open(log_path).read()[-4000:])
-            time.sleep(0.5)
-        yield {"url": url, "base": base, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
+    with running_server(harness.COMFY_DIR, harness.REPO) as srv:
+        yield srv

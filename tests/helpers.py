@@ -151,3 +151,7 @@ def diffusers_tiny_sd15_unet(model):
     missing, unexpected = unet.load_state_dict({k: ldm[v] for k, v in mapping.items() if v in ldm}, strict=False)
     assert not missing and not unexpected   # the map also lists optional layers
     return unet
+
+
+# --- a real ComfyUI server over HTTP and its websocket: scripts/comfy_server.py (shared with bench/soak.py)
+from comfy_server import HANG_CAP_S, history_entry, http_get, http_post, run_over_http, wait_until  # noqa: E402,F401

@@ -6,18 +6,19 @@ to out/screenshots/.
 """
 import json
 import os
-import time
 
 import pytest
 
 import harness
 from helpers import EXAMPLES
 import helpers
-from conftest import _get
+from helpers import HANG_CAP_S, wait_until
+from helpers import http_get as _get
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("IDP_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.path.join(harness.REPO, "out", "screenshots")
+CAP_MS = HANG_CAP_S * 1000   # Playwright waits in ms; the cap only guards against a hang
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (CI installs Debian's chromium; set IDP_CHROMIUM)", allow_module_level=True)
@@ -38,8 +39,8 @@ def page(server):
         # A fresh user dir gets a modal Templates dialog on first load (frontend 1.49: not a PrimeVue dialog; it
         # swallows clicks) and a missing-models dialog over the canvas: settle both before the page loads.
         _post_settings(server["url"], {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False})
-        pg.goto(server["url"], wait_until="networkidle", timeout=120000)
-        pg.wait_for_function("window.app && window.app.graph && window.__IDPORTRAIT_LOADED__", timeout=120000)
+        pg.goto(server["url"], wait_until="networkidle", timeout=CAP_MS)
+        pg.wait_for_function("window.app && window.app.graph && window.__IDPORTRAIT_LOADED__", timeout=CAP_MS)
         clear_overlays(pg)
         yield pg
         browser.close()
@@ -89,6 +90,7 @@ def clear_overlays(page):
     for _ in range(6):
         if not page.locator(".p-dialog-mask").count():
             break
+        open_dialogs = page.locator(".p-dialog-mask").count()
         page.evaluate("""() => {
             for (const d of document.querySelectorAll('.p-dialog-mask .p-dialog, .p-dialog-mask [role=dialog]')) {
                 const b = [...d.querySelectorAll('button')].find(x =>
@@ -98,8 +100,24 @@ def clear_overlays(page):
             }
         }""")
         page.keyboard.press("Escape")
-        page.wait_for_timeout(400)
+        page.wait_for_function("(n) => document.querySelectorAll('.p-dialog-mask').length < n", arg=open_dialogs,
+                               timeout=CAP_MS)
     page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(e => e.remove())")
+
+
+def load_graph(page, ui):
+    """Load a UI workflow into the frontend and wait until its graph holds every node."""
+    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
+    page.wait_for_function("(n) => app.graph && app.graph._nodes.length === n", arg=len(ui["nodes"]), timeout=CAP_MS)
+
+
+def finished_run(server, before: set):
+    """Wait for the one prompt queued since ``before`` (history ids) to finish; its history entry."""
+    def new_entry():
+        hist = json.loads(_get(server["url"] + "/history")[1])
+        new = [v for k, v in hist.items() if k not in before]
+        return new[0] if new and new[0]["status"].get("completed") is not None else None
+    return wait_until(new_entry, "the queued workflow")
 
 
 def ours(errors):
@@ -111,8 +129,7 @@ def test_example_loads_in_the_real_frontend(page, path):
     with open(path) as f:
         ui = json.load(f)
     page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(e => e.remove())")
-    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
-    page.wait_for_timeout(500)
+    load_graph(page, ui)
     toasts = page.locator(".p-toast-message-content").all_inner_texts()
     assert not [t for t in toasts if "invalid" in t.lower() or "missing node" in t.lower()], toasts
     report = page.evaluate("""(wf) => {
@@ -138,8 +155,7 @@ def test_example_loads_in_the_real_frontend(page, path):
 
 def test_run_button_executes_and_shows_identity_chip(page, server):
     ui = stand_in_ui(server["base"])
-    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
-    page.wait_for_timeout(300)
+    load_graph(page, ui)
     before = set(json.loads(_get(server["url"] + "/history")[1]))
     clear_overlays(page)
     run = page.get_by_role("button", name="Run")
@@ -147,16 +163,9 @@ def test_run_button_executes_and_shows_identity_chip(page, server):
         run.first.click()
     else:   # layout without the Run button label: queue through the app, as the button does
         page.evaluate("() => app.queuePrompt(0)")
-    deadline = time.time() + 120
-    while True:
-        hist = json.loads(_get(server["url"] + "/history")[1])
-        new = [v for k, v in hist.items() if k not in before]
-        if new and new[0]["status"].get("completed"):
-            break
-        assert not (new and new[0]["status"].get("status_str") == "error"), new[0]["status"]
-        assert time.time() < deadline, "the queued workflow did not finish"
-        time.sleep(0.5)
-    page.wait_for_selector(".idp-identity-chip", timeout=20000)
+    entry = finished_run(server, before)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    page.wait_for_selector(".idp-identity-chip", timeout=CAP_MS)
     chip = page.locator(".idp-identity-chip").first.inner_text()
     assert "identity from 2 images" in chip
     page.screenshot(path=os.path.join(SHOTS, "run_identity_chip.png"))
@@ -177,16 +186,25 @@ def draw_box(page, node_type):
     }""", node_type)
     clear_overlays(page)
     editor = page.locator(".idp-facebox").first
-    editor.wait_for(state="visible", timeout=10000)
+    editor.wait_for(state="visible", timeout=CAP_MS)
     editor.scroll_into_view_if_needed()
-    page.wait_for_timeout(300)
-    b = editor.bounding_box()
+    before = page.evaluate("() => JSON.stringify(window.__idpNode.widgets.map(w => w.value))")
+    # the canvas lays the node's DOM widget out over a few frames: drag only once its box stops moving
+    last = [None]
+
+    def settled():
+        box = editor.bounding_box()
+        steady = box is not None and box == last[0] and box["width"] > 0
+        last[0] = box
+        return box if steady else None
+    b = wait_until(settled, "the face-box editor's layout")
     page.mouse.move(b["x"] + 0.2 * b["width"], b["y"] + 0.3 * b["height"])
     page.mouse.down()
     page.mouse.move(b["x"] + 0.4 * b["width"], b["y"] + 0.5 * b["height"], steps=5)
     page.mouse.move(b["x"] + 0.6 * b["width"], b["y"] + 0.8 * b["height"], steps=5)
     page.mouse.up()
-    page.wait_for_timeout(200)
+    page.wait_for_function("(v) => JSON.stringify(window.__idpNode.widgets.map(w => w.value)) !== v", arg=before,
+                           timeout=CAP_MS)   # the editor wrote the dragged box into the widgets
     page.screenshot(path=os.path.join(SHOTS, f"face_box_{node_type}.png"))
     return page.evaluate("() => Object.fromEntries(window.__idpNode.widgets.map(w => [w.name, w.value]))")
 
@@ -221,8 +239,7 @@ def test_old_ui_workflow_loads_and_runs_in_the_frontend(page, server):
     """A UI workflow saved before the stand-ins' 'seed' became 'weights_seed' loads as saved and runs."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy", "tiny_sd15_ui_v0.1.0.json")) as f:
         ui = json.load(f)
-    page.evaluate("(wf) => app.loadGraphData(wf)", ui)
-    page.wait_for_timeout(300)
+    load_graph(page, ui)
     values = page.evaluate("""() => {
         const n = app.graph._nodes.find(n => n.type === 'IDP_TinyModels');
         return Object.fromEntries(n.widgets.map(w => [w.name, w.value]));
@@ -231,15 +248,8 @@ def test_old_ui_workflow_loads_and_runs_in_the_frontend(page, server):
     before = set(json.loads(_get(server["url"] + "/history")[1]))
     clear_overlays(page)
     page.evaluate("() => app.queuePrompt(0)")
-    deadline = time.time() + 120
-    while True:
-        hist = json.loads(_get(server["url"] + "/history")[1])
-        new = [v for k, v in hist.items() if k not in before]
-        if new and new[0]["status"].get("completed"):
-            break
-        assert time.time() < deadline, "the old workflow did not run"
-        time.sleep(0.5)
-    assert new[0]["status"]["status_str"] == "success"
+    entry = finished_run(server, before)
+    assert entry["status"]["status_str"] == "success", entry["status"]
     assert ours(page.idp_errors) == []
 
 

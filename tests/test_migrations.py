@@ -2,7 +2,6 @@
 import asyncio
 import json
 import os
-import time
 import uuid
 
 import pytest
@@ -12,7 +11,7 @@ import execution
 import nodes
 
 import harness
-from conftest import _get, _post
+from helpers import run_over_http
 from idportrait.nodes import migrations as M
 from workflow_tools import WorkflowFormatError, ui_to_api
 
@@ -48,22 +47,11 @@ def test_old_ui_workflow_fails_unmigrated_and_converts_migrated():
     assert any("images" in o for o in ex.history_result["outputs"].values())
 
 
-def run_over_http(server, prompt, timeout=180):
-    """POST the prompt, wait until it completed; its history entry."""
-    resp = _post(server["url"] + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
-    assert resp["node_errors"] == {}
-    pid, deadline = resp["prompt_id"], time.time() + timeout
-    while True:
-        hist = json.loads(_get(server["url"] + f"/history/{pid}")[1])
-        if pid in hist and hist[pid]["status"].get("completed"):
-            return hist[pid]
-        assert time.time() < deadline
-        time.sleep(0.3)
-
-
 @pytest.mark.server
 def test_old_api_prompt_runs_over_http(server):
-    assert run_over_http(server, load("tiny_sd15_api_v0.1.0.json"))["status"]["status_str"] == "success"
+    resp, entry, _ = run_over_http(server["url"], load("tiny_sd15_api_v0.1.0.json"))
+    assert resp["node_errors"] == {}
+    assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 # --- inputs added with a new default: RB-Guidance's match / reduction (paper's Eq. 7-8) -------------------
@@ -115,7 +103,8 @@ def test_rb_guidance_ui_workflow_saved_before_match_and_reduction():
 
 @pytest.mark.server
 def test_rb_guidance_old_api_prompt_is_migrated_over_http(server):
-    entry = run_over_http(server, load("rb_guidance_api_v0.2.0.json"))
-    assert entry["status"]["status_str"] == "success"
+    resp, entry, _ = run_over_http(server["url"], load("rb_guidance_api_v0.2.0.json"))
+    assert resp["node_errors"] == {}
+    assert entry["status"]["status_str"] == "success", entry["status"]
     ran = entry["prompt"][2]
     assert all((n["inputs"]["match"], n["inputs"]["reduction"]) == ("cosine", "mean") for n in _rb_nodes(ran).values())

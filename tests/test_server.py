@@ -1,15 +1,13 @@
 """A real ComfyUI server on 127.0.0.1 with this pack in its custom_nodes, driven over HTTP."""
 import json
 import os
-import time
-import uuid
 
 import pytest
 import safetensors.torch
 import torch
 
 import harness
-from conftest import _get, _post
+from helpers import http_get as _get, run_over_http
 from idportrait import nodes as pack_nodes
 
 pytestmark = pytest.mark.server
@@ -56,20 +54,10 @@ def _load_latent(path):
 
 def test_http_and_in_process_runs_give_the_same_latent(server):
     wf = _latent_workflow("http")
-    resp = _post(server["url"] + "/prompt", {"prompt": wf, "client_id": str(uuid.uuid4())})
+    resp, entry, _ = run_over_http(server["url"], wf)
     assert resp["node_errors"] == {}
-    pid = resp["prompt_id"]
-    deadline = time.time() + 120
-    while True:
-        hist = json.loads(_get(server["url"] + f"/history/{pid}")[1])
-        if pid in hist and hist[pid]["status"].get("completed"):
-            break
-        assert time.time() < deadline, "workflow did not complete over HTTP"
-        if pid in hist:
-            assert hist[pid]["status"]["status_str"] != "error", hist[pid]["status"]
-        time.sleep(0.3)
-    assert hist[pid]["status"]["status_str"] == "success"
-    http_file = hist[pid]["outputs"]["6"]["latents"][0] if "latents" in hist[pid]["outputs"].get("6", {}) else None
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    http_file = entry["outputs"]["6"]["latents"][0] if "latents" in entry["outputs"].get("6", {}) else None
     out_dir = os.path.join(server["base"], "output", "latents")
     http_latent = _load_latent(os.path.join(out_dir, sorted(os.listdir(out_dir))[-1]))
 
