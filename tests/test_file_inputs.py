@@ -1,9 +1,7 @@
 """File inputs stay inside ComfyUI's folders, files with NaN/inf are refused naming the file, and a file that
 changed on disk runs its node again (over HTTP, ComfyUI's own cache decides)."""
 import asyncio
-import json
 import os
-import time
 import uuid
 
 import pytest
@@ -15,7 +13,7 @@ import folder_paths
 
 import harness
 import stand_in_files
-from conftest import _get, _post
+from helpers import run_over_http
 from flashface_tiny import tiny_state_dict
 from helpers import MODELS, write_weights
 from idportrait.errors import FlashFaceCheckpointError, InputError, OmniIDError
@@ -159,16 +157,9 @@ def test_flashface_checkpoint_with_nan_is_refused_naming_the_file():
 # ---------------------------------------------------------------------------------------------- change check
 
 def _queue_and_wait(server, prompt):
-    resp = _post(server["url"] + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    resp, entry, _ = run_over_http(server["url"], prompt)
     assert resp["node_errors"] == {}, resp
-    pid = resp["prompt_id"]
-    deadline = time.time() + 300   # only guards against a hang; the loop ends on the history entry
-    while True:
-        hist = json.loads(_get(server["url"] + f"/history/{pid}")[1])
-        if pid in hist and (hist[pid]["status"].get("completed") or hist[pid]["status"]["status_str"] == "error"):
-            return hist[pid]
-        assert time.time() < deadline, "prompt did not finish"
-        time.sleep(0.2)
+    return entry
 
 
 def _cached_nodes(entry):
