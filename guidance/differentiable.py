@@ -98,6 +98,7 @@ class GradPass(TorchFunctionMode):
         self.weight_grads = weight_grads
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saved: dict = {}
+        self._handles: list = []   # every saved-tensor handle of this pass (released by ``release``)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self.snapshots = 0
         self.saved_bytes = 0       # distinct activation storages kept for backward: what the gradient costs
@@ -125,8 +126,21 @@ class GradPass(TorchFunctionMode):
                 self._cache.clear()
                 self._counted.clear()
 
+    def release(self) -> None:
+        """Drops this pass's hold on the tensors autograd saved, once its graph is no longer needed.
+
+        A handle that holds an op's own output (sigmoid, exp, softmax save their result) closes a cycle through
+        autograd's C++ graph (output -> grad_fn -> saved handle -> output) that Python's gc cannot see. A backward
+        without ``retain_graph`` frees it; a graph that is never backpropagated (RB-Guidance with no valid point in
+        a step) would otherwise stay alive for good. Call after the backward, or when the graph is discarded."""
+        for h in self._handles:
+            h.t = None
+        self._handles.clear()
+        self._saved.clear()
+
     def _pack(self, t):
         h = _Saved(t)
+        self._handles.append(h)
         key = _storage_key(t)
         if key is not None:
             self._saved.setdefault(key, []).append(h)

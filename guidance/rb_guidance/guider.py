@@ -337,21 +337,27 @@ class RBGuider(comfy.samplers.CFGGuider):
         record = None
         if any(src is not None for src in self._sources):
             record = _AttnRecord(mask_grid(self.model_patcher, tuple(x.shape[-2:])), list(self._sources))
-        with torch.inference_mode(False):
-            z = ms.calculate_input(timestep, x).detach().clone().requires_grad_(True)
-            with torch.no_grad():   # the capture wrapper turns grad on for the diffusion model only
-                cap = self._forward(x, timestep, model_options, self.conds["positive"], _Capture(self.point, b, z, record))
-            gen_masks = self._gen_masks(record, b, tuple(x.shape[-2:]))
-            fhw = tuple(cap.features.shape[-2:])
-            for k, (src, gm) in enumerate(zip(self._sources, gen_masks)):
-                if src is None and not bool(energy.resize_mask(gm, fhw).any()):
-                    raise RBGuidanceError(f"identity {k + 1}: the region covers no cell of the {fhw[0]}x{fhw[1]} "
-                                          "feature grid; draw a larger region")
-            guides = [energy.IdentityGuide(ref.ref_feat.to(z.device), ref.ref_mask.to(z.device), gm.to(z.device))
-                      for ref, gm in zip(run["refs"], gen_masks)]
-            with torch.enable_grad():
-                res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, match=s.match,
-                                                      reduction=s.reduction)
+        capture = None
+        try:
+            with torch.inference_mode(False):
+                z = ms.calculate_input(timestep, x).detach().clone().requires_grad_(True)
+                capture = _Capture(self.point, b, z, record)
+                with torch.no_grad():   # the capture wrapper turns grad on for the diffusion model only
+                    cap = self._forward(x, timestep, model_options, self.conds["positive"], capture)
+                gen_masks = self._gen_masks(record, b, tuple(x.shape[-2:]))
+                fhw = tuple(cap.features.shape[-2:])
+                for k, (src, gm) in enumerate(zip(self._sources, gen_masks)):
+                    if src is None and not bool(energy.resize_mask(gm, fhw).any()):
+                        raise RBGuidanceError(f"identity {k + 1}: the region covers no cell of the {fhw[0]}x{fhw[1]} "
+                                              "feature grid; draw a larger region")
+                guides = [energy.IdentityGuide(ref.ref_feat.to(z.device), ref.ref_mask.to(z.device), gm.to(z.device))
+                          for ref, gm in zip(run["refs"], gen_masks)]
+                with torch.enable_grad():
+                    res = energy.rb_energy_grad_from_features(z, cap.features, guides, p=s.p, match=s.match,
+                                                              reduction=s.reduction)
+        finally:   # the graph of this step is done with, backpropagated or not (GradPass.release)
+            if capture is not None and capture.grad_pass is not None:
+                capture.grad_pass.release()
         if not bool(torch.isfinite(res.grad).all()):
             raise RBGuidanceError(
                 f"the guidance gradient at sigma {float(timestep.flatten()[0]):.4g} is NaN or infinite (the energy is "
