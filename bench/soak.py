@@ -77,6 +77,7 @@ def pack_objects(examples, rounds: int, rng) -> list:
     import asyncio
     import gc
     import uuid
+    import warnings
 
     import torch
 
@@ -108,13 +109,15 @@ def pack_objects(examples, rounds: int, rng) -> list:
             run(reseed(api, rng))
             run(plain_graph(seed, "soak/in_b"))
         gc.collect()
-        objs = gc.get_objects()
-        tensors = [o for o in objs if isinstance(o, torch.Tensor) and not o.is_meta]
-        counts = {"tensors": len(tensors),
-                  "tensor_mb": round(sum(t.untyped_storage().nbytes() for t in tensors) / 2 ** 20, 2),
-                  "model_patchers": sum(isinstance(o, comfy.model_patcher.ModelPatcher) for o in objs),
-                  "run_states": sum(isinstance(o, RunState) for o in objs),
-                  "injectors": sum(isinstance(o, Injector) for o in objs), "gc_objects": len(objs)}
+        with warnings.catch_warnings():   # isinstance on every live object touches deprecated torch aliases
+            warnings.simplefilter("ignore", FutureWarning)
+            objs = gc.get_objects()
+            tensors = [o for o in objs if isinstance(o, torch.Tensor) and not o.is_meta]
+            counts = {"tensors": len(tensors),
+                      "tensor_mb": round(sum(t.untyped_storage().nbytes() for t in tensors) / 2 ** 20, 2),
+                      "model_patchers": sum(isinstance(o, comfy.model_patcher.ModelPatcher) for o in objs),
+                      "run_states": sum(isinstance(o, RunState) for o in objs),
+                      "injectors": sum(isinstance(o, Injector) for o in objs), "gc_objects": len(objs)}
         del objs, tensors   # the counting lists must not keep this round's objects alive into the next
         out.append(counts)
         log.info("in-process round %d: %s", r + 1, counts)
@@ -245,6 +248,9 @@ def main(argv=None) -> int:
     log.info("after warm-up (%d workflows): median %.1f MB, range %s..%s, max deviation %.1f%% (band ±%.0f%%)",
              warmup, median, record["rss_after_warmup"]["min_mb"], record["rss_after_warmup"]["max_mb"],
              100 * (record["rss_after_warmup"]["max_deviation"] or 0), 100 * RSS_BAND)
+    if not highs:
+        log.warning("no complete round after the %d warm-up workflows: RSS flatness needs --workflows >= %d",
+                    warmup, warmup + n)
     log.info("high-water mark of each complete round after warm-up: %s MB, max deviation %.1f%% (band ±%.0f%%)",
              " ".join(f"{r:.0f}" for r in highs), 100 * (record["rss_round_high_water_after_warmup"]["max_deviation"]
                                                      or 0), 100 * RSS_BAND)
