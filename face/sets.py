@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from . import align, detect, landmarks
-from . import insightface_loader as ifl
+from . import insightface_loader
 from .types import FaceDetection, FaceError
 
 Step = Callable[[int, int], None]
@@ -23,7 +23,7 @@ class FaceAnalysis:
 
     detector: detect.FaceDetector
     backend: str                                   # "insightface" or "retinaface"
-    pack: Optional[ifl.InsightFacePack] = None
+    pack: Optional[insightface_loader.InsightFacePack] = None
 
     @property
     def has_recognition(self) -> bool:
@@ -59,7 +59,7 @@ class FaceAnalysis:
             raise FaceError("face embeddings need an insightface pack with a recognition model (antelopev2: "
                              "glintr100.onnx, buffalo_l: w600k_r50.onnx): use 'Load InsightFace Pack (IDP)' "
                              f"instead of the {self.backend} detector")
-        return ifl.arcface_embeddings(self.pack, crops112)
+        return insightface_loader.arcface_embeddings(self.pack, crops112)
 
     def __repr__(self):
         if self.pack is not None:

@@ -31,7 +31,7 @@ try:
     from ..errors import FlashFaceCheckpointError
 except ImportError:   # `python -m guidance.flashface_checkpoint` from the repository root: guidance/ is top-level there
     from errors import FlashFaceCheckpointError
-from . import flashface_keys as fk
+from . import flashface_keys
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ class FlashFaceWeights(NamedTuple):
 
 def expected_shapes(geometry: Geometry = SD15) -> dict[str, dict[str, tuple[int, ...]]]:
     """``{"main"|"ref"|"ref_attention": {comfy key: shape}}``."""
-    out: dict[str, dict[str, tuple[int, ...]]] = {fk.MAIN: {}, fk.REF: {}, "ref_attention": {}}
-    for e in fk.layout(*geometry).values():
+    out: dict[str, dict[str, tuple[int, ...]]] = {flashface_keys.MAIN: {}, flashface_keys.REF: {}, "ref_attention": {}}
+    for e in flashface_keys.layout(*geometry).values():
         for unet, key in e.targets:
-            out["ref_attention" if fk.is_ref_attention_key(key) else unet][key] = e.shape
+            out["ref_attention" if flashface_keys.is_ref_attention_key(key) else unet][key] = e.shape
     return out
 
 
@@ -169,18 +169,18 @@ def convert(sd: Mapping[str, torch.Tensor], dtype=None, geometry: Geometry = SD1
     :class:`FlashFaceCheckpointError` listing all problems at once.
     """
     dtype = _dtype(dtype)
-    table = fk.layout(*geometry)
+    table = flashface_keys.layout(*geometry)
     unknown = [k for k in sd if k not in table]
     if unknown:
         hint = (" (looks like an ordinary SD checkpoint: FlashFace needs its own main and reference UNets)"
-                if any(k.startswith(fk.COMFY_PREFIX) for k in unknown) else "")
+                if any(k.startswith(flashface_keys.COMFY_PREFIX) for k in unknown) else "")
         raise FlashFaceCheckpointError(
             f"this is not a FlashFace checkpoint: unexpected keys {_listing(unknown)}{hint}. {SOURCE_HINT}")
     sources, missing, wrong = {}, [], []
     for key, e in table.items():
         if not e.targets:
             continue
-        src = key if key in sd else fk.alias_of(key)
+        src = key if key in sd else flashface_keys.alias_of(key)
         if src is None or src not in sd:
             missing.append(key)
             continue
@@ -199,7 +199,7 @@ def convert(sd: Mapping[str, torch.Tensor], dtype=None, geometry: Geometry = SD1
     for key, src in sources.items():
         t = _cast(sd[src], dtype)  # one tensor object even when both UNets use it
         for unet, ckey in table[key].targets:
-            (out.ref_attention if fk.is_ref_attention_key(ckey) else getattr(out, unet))[ckey] = t
+            (out.ref_attention if flashface_keys.is_ref_attention_key(ckey) else getattr(out, unet))[ckey] = t
     log.info("FlashFace: %d main, %d reference, %d reference-attention tensors (%d shared main/ref)",
              len(out.main), len(out.ref), len(out.ref_attention), sum(out.ref[k] is out.main.get(k) for k in out.ref))
     return out
@@ -284,7 +284,7 @@ def infer_geometry(sd: Mapping[str, torch.Tensor]) -> Geometry:
     """
     found = []
     for names in _GEOMETRY_PROBES:
-        cands = list(names) + [fk.alias_of(names[0]) or names[0]]
+        cands = list(names) + [flashface_keys.alias_of(names[0]) or names[0]]
         key = next((k for k in cands if k in sd), None)
         if key is None:
             return SD15

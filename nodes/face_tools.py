@@ -19,7 +19,7 @@ import comfy.utils
 import folder_paths
 
 from ..face import align, detect, evaluate, landmarks, masks
-from ..face import insightface_loader as ifl
+from ..face import insightface_loader
 from ..face.sets import FaceAnalysis, FaceEmbedding, FaceSet, ensure_landmarks, ensure_poses
 from .folders import folder_fingerprint, register_model_folder
 from ..face.types import rgb_images
@@ -45,7 +45,7 @@ FaceEmbeddingType = io.Custom("IDP_FACE_EMBEDDING")
 
 def _pack_names() -> list[str]:
     """Pack folders found under every insightface path, plus the two standard names."""
-    names = set(ifl.KNOWN_PACKS)
+    names = set(insightface_loader.KNOWN_PACKS)
     for root in folder_paths.get_folder_paths(FOLDER):
         d = os.path.join(root, "models")
         if os.path.isdir(d):
@@ -53,22 +53,23 @@ def _pack_names() -> list[str]:
     return sorted(names)
 
 
-def load_pack(name: str, provider: str, det_size: int, det_thresh: float) -> ifl.InsightFacePack:
+def load_pack(name: str, provider: str, det_size: int, det_thresh: float) -> insightface_loader.InsightFacePack:
     """Find ``models/<name>`` under each registered insightface folder; the first that exists wins."""
     roots = folder_paths.get_folder_paths(FOLDER)
     errors = []
     for root in roots:
         try:
-            ifl.find_pack_dir(root, name)
-        except ifl.InsightFaceModelsMissing as e:
+            insightface_loader.find_pack_dir(root, name)
+        except insightface_loader.InsightFaceModelsMissing as e:
             errors.append(e)
             continue
-        return ifl.load_insightface(root, name, provider=provider, det_size=det_size, det_thresh=det_thresh)
-    ifl.import_insightface()   # "install insightface" comes before "place the files"
-    expected = ", ".join(sorted(ifl.KNOWN_PACKS.get(name, {}).values())) or "the pack's .onnx files"
+        return insightface_loader.load_insightface(root, name, provider=provider, det_size=det_size,
+                                                   det_thresh=det_thresh)
+    insightface_loader.import_insightface()   # "install insightface" comes before "place the files"
+    expected = ", ".join(sorted(insightface_loader.KNOWN_PACKS.get(name, {}).values())) or "the pack's .onnx files"
     where = [os.path.join(r, "models", name) for r in roots]
     detail = "; ".join(str(e) for e in errors if "contains no .onnx" in str(e) or "incomplete" in str(e))
-    raise ifl.InsightFaceModelsMissing(
+    raise insightface_loader.InsightFaceModelsMissing(
         f"insightface model pack '{name}' not found. Put {expected} into {where[0] if where else 'models/insightface/models/' + name}"
         + (f" (searched: {', '.join(where)})" if len(where) > 1 else "")
         + ". Models are never downloaded automatically." + (f" {detail}" if detail else ""))
@@ -159,7 +160,7 @@ class FaceDetectorLoader(io.ComfyNode):
     @classmethod
     def execute(cls, score_threshold, max_size, provider):
         det = detect.RetinaFaceDetector(score_threshold=score_threshold, max_size=max_size,
-                                        providers=ifl.resolve_providers(provider))
+                                        providers=insightface_loader.resolve_providers(provider))
         return io.NodeOutput(FaceAnalysis(det, "retinaface"))
 
 

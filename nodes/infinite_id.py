@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance import infinite_id as iid
+from ..guidance import infinite_id
 from .omni_id import OmniIDModelType, OmniIDType
 
-DEFAULTS = iid.PAPER_DEFAULTS
+DEFAULTS = infinite_id.PAPER_DEFAULTS
 
 
 class InfiniteIDApply(io.ComfyNode):
@@ -42,7 +42,7 @@ class InfiniteIDApply(io.ComfyNode):
                 io.Float.Input("merge_weight", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="Cross-attention merge: text cross-attention + this x the identity's image "
                                        "attention, in the text stream (1 = the paper's sum; 0 = off)."),
-                io.Combo.Input("adain_mean", options=list(iid.ADAIN_MODES), default="off",
+                io.Combo.Input("adain_mean", options=list(infinite_id.ADAIN_MODES), default="off",
                                tooltip="AdaIN-mean of the identity keys/values toward the text stream's channel means: "
                                        "off for photos, on for stylised prompts (the paper's switch)."),
                 io.String.Input("blocks", default="all",
@@ -60,7 +60,7 @@ class InfiniteIDApply(io.ComfyNode):
                 io.Boolean.Input("identity_stream_cfg", default=True,
                                  tooltip="On: the identity stream's negative rows run without the identity, so CFG "
                                          "guides that stream toward the face. Off: both carry it (unguided)."),
-                io.Combo.Input("output", options=list(iid.OUTPUTS), default=iid.OUTPUTS[0],
+                io.Combo.Input("output", options=list(infinite_id.OUTPUTS), default=infinite_id.OUTPUTS[0],
                                tooltip="'text + identity streams' returns 2N latents (text first, then what the "
                                        "identity stream drew) to inspect the identity stream."),
                 io.Combo.Input("identity_mixing", options=["interpolate", "stack"], default="interpolate",
@@ -82,9 +82,9 @@ class InfiniteIDApply(io.ComfyNode):
                 blocks, start_at, end_at, apply_to, identity_stream_cfg, output, identity_mixing, identity_2_weight,
                 identity_2=None):
         adapter = omni_id_model.adapter_for(model)
-        tokens = iid.combine_identities(identity.tokens, None if identity_2 is None else identity_2.tokens,
+        tokens = infinite_id.combine_identities(identity.tokens, None if identity_2 is None else identity_2.tokens,
                                         identity_mixing, identity_2_weight)
-        patched = iid.apply_infinite_id(
+        patched = infinite_id.apply_infinite_id(
             model, adapter, tokens, identity_weight=identity_weight, mix_weight=mixed_attention_weight,
             merge_weight=merge_weight, adain=adain_mean, blocks=blocks, start_percent=start_at, end_percent=end_at,
             apply_to="cond" if apply_to == "cond" else "both", identity_stream_cfg=identity_stream_cfg, output=output)

@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..guidance import omni_id as om
-from ..guidance.adapters import vocabulary as V
+from ..guidance import omni_id
+from ..guidance.adapters import vocabulary
 from ..guidance.omni_id import Identity, encode_arcface, encode_faces, load_omni_id_model
 from ..guidance.patching import apply_injector
 from ..omni_encoder import mixing, weights
@@ -110,7 +110,7 @@ class OmniIDEncode(io.ComfyNode):
                                tooltip="What the negative (uncond) rows attend to with apply_to 'cond, negative on "
                                        "uncond'. Empty: the adapter's own 'no image' (IP-Adapter files: CLIP of an "
                                        "all-zero pixel tensor, as the original; Omni-ID weights: none)."),
-                io.Combo.Input("combine_embeds", options=list(V.COMBINE_EMBEDS), default="concat", optional=True,
+                io.Combo.Input("combine_embeds", options=list(vocabulary.COMBINE_EMBEDS), default="concat", optional=True,
                                tooltip="Several faces: concat keeps every image (Omni-ID: all into its encoder); add, "
                                        "subtract (first minus the others' mean), average, norm average combine the "
                                        "per-image CLIP features first."),
@@ -140,7 +140,7 @@ class OmniIDEncodeArcFace(io.ComfyNode):
                 io.Custom("IDP_FACE_EMBEDDING").Input("face_embedding", tooltip="ArcFace embeddings of the faces (one person)."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="Needed by FaceID-Plus and arcface_clip (ViT-H)."),
                 io.Image.Input("faces", optional=True, tooltip="The aligned face crops (FaceID-Plus, arcface_clip)."),
-                io.Combo.Input("combine_embeds", options=list(V.COMBINE_EMBEDS), default="concat", optional=True,
+                io.Combo.Input("combine_embeds", options=list(vocabulary.COMBINE_EMBEDS), default="concat", optional=True,
                                tooltip="Several faces: concat keeps every image's tokens; add, subtract, average, "
                                        "norm average combine the per-image embeddings first."),
                 io.Combo.Input("faceid_plus", options=["v2 (shortcut)", "v1"], default="v2 (shortcut)", optional=True,
@@ -171,13 +171,13 @@ class OmniIDApply(io.ComfyNode):
                 io.Model.Input("model"),
                 OmniIDModelType.Input("omni_id_model"),
                 OmniIDType.Input("identity", tooltip="From Omni-ID Encode, Mix or Load Identity."),
-                io.Float.Input("weight", default=1.0, min=V.WEIGHT_MIN, max=V.WEIGHT_MAX, step=0.05,
+                io.Float.Input("weight", default=1.0, min=vocabulary.WEIGHT_MIN, max=vocabulary.WEIGHT_MAX, step=0.05,
                                tooltip="Strength of the identity attention; 0 leaves the model exactly as it was."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling at which the identity starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the identity stops acting."),
-                io.Combo.Input("apply_to", options=list(om.APPLY_TO), default=om.NEGATIVE_ON_UNCOND,
+                io.Combo.Input("apply_to", options=list(omni_id.APPLY_TO), default=omni_id.NEGATIVE_ON_UNCOND,
                                tooltip="cond, negative on uncond: the positive prompt sees the identity, the negative "
                                        "sees the identity's negative (IP-Adapter files: the original's 'no image', or "
                                        "the encoded negative image; Omni-ID weights: only a negative image, else "
@@ -186,11 +186,11 @@ class OmniIDApply(io.ComfyNode):
                                        "away from that face)."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional region (white = this identity) for several people in one image."),
-                io.Combo.Input("weight_type", options=list(V.WEIGHT_TYPES), default="linear", optional=True,
+                io.Combo.Input("weight_type", options=list(vocabulary.WEIGHT_TYPES), default="linear", optional=True,
                                tooltip="How the weight is spread over the layers: linear = the same everywhere; ease "
                                        "in/out, in-out, weak/strong parts; style transfer / composition (SDXL, "
                                        "InstantStyle's two attention modules)."),
-                io.Combo.Input("embeds_scaling", options=list(V.EMBEDS_SCALING), default="V only", optional=True,
+                io.Combo.Input("embeds_scaling", options=list(vocabulary.EMBEDS_SCALING), default="V only", optional=True,
                                tooltip="V only: out + weight · attention (the original IP-Adapter). K+V: keys and "
                                        "values scaled, so the weight also sharpens the identity attention."),
             ],
@@ -203,7 +203,7 @@ class OmniIDApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, omni_id_model, identity, weight, start_at, end_at, apply_to, attn_mask=None,
                 weight_type="linear", embeds_scaling="V only"):
-        inj = om.identity_injector(omni_id_model, model, identity, weight, start_at, end_at, apply_to, attn_mask,
+        inj = omni_id.identity_injector(omni_id_model, model, identity, weight, start_at, end_at, apply_to, attn_mask,
                                    weight_type, embeds_scaling)
         return io.NodeOutput(apply_injector(model, inj))
 

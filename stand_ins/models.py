@@ -20,7 +20,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
-import comfy.supported_models as sm
+from comfy import supported_models
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from ..errors import InputError
 
@@ -66,10 +66,10 @@ def _unet_common(context_dim: int, model_channels: int) -> dict:
 def model_config(family: str, in_channels: int | None = None):
     """The ComfyUI model config (``comfy.supported_models`` class instance) of a tiny model."""
     if family == "sd15":
-        cfg = sm.SD15({**_unet_common(TEXT_WIDTH, 32), "use_linear_in_transformer": False,
+        cfg = supported_models.SD15({**_unet_common(TEXT_WIDTH, 32), "use_linear_in_transformer": False,
                        "adm_in_channels": None})
     elif family == "sdxl":
-        cfg = sm.SDXL({**_unet_common(TEXT_WIDTH, 32), "use_linear_in_transformer": True,
+        cfg = supported_models.SDXL({**_unet_common(TEXT_WIDTH, 32), "use_linear_in_transformer": True,
                        "adm_in_channels": TEXT_WIDTH + SDXL_ADM_EXTRA, "num_classes": "sequential"})
         cfg.unet_config["num_head_channels"] = 16   # SDXL's extra config forces 64 per head: too wide here
     elif family == "flux":
@@ -95,18 +95,18 @@ def flux_config(config: dict):
     fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     if "txt_ids_dims" in fields:
         config = {"txt_ids_dims": [], **config}
-    return sm.Flux(config)
+    return supported_models.Flux(config)
 
 
 _FULL_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "use_spatial_transformer": True, "legacy": False,
               "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False, "use_checkpoint": False}
 FULL_SIZE = {   # the real architectures (SD1.5, SDXL base, FLUX.1-dev), for benchmarks with random weights
-    "sd15": lambda: sm.SD15({**_FULL_UNET, "use_linear_in_transformer": False, "adm_in_channels": None,
+    "sd15": lambda: supported_models.SD15({**_FULL_UNET, "use_linear_in_transformer": False, "adm_in_channels": None,
                              "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
                              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
                              # ComfyUI pops this from the end: output_blocks 0-2 (lowest resolution) get none, 3-11 one each
                              "transformer_depth_output": [1] * 9 + [0] * 3, "context_dim": 768}),
-    "sdxl": lambda: sm.SDXL({**_FULL_UNET, "use_linear_in_transformer": True, "adm_in_channels": 2816,
+    "sdxl": lambda: supported_models.SDXL({**_FULL_UNET, "use_linear_in_transformer": True, "adm_in_channels": 2816,
                              "num_classes": "sequential", "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
                              "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
                              "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048}),

@@ -33,7 +33,7 @@ import comfy.model_management as mm
 from comfy.ldm.modules.attention import optimized_attention
 
 from ...errors import FlashFaceError, FlashFaceMemoryError
-from .. import flashface_keys as fk
+from .. import flashface_keys
 from ..patching import (MODEL_KEY, Injector, WrappersMP, chain_attention_override, transformer_block,
                         unet_block_keys)
 from ..rows import COND, UNCOND, layout_of
@@ -316,7 +316,7 @@ class FlashFaceInjector(ReferenceAttention):
     def __init__(self, references, guidance, latent_format, ref_patcher, face_mask=None, **kw):
         """``ref_patcher``: the reference UNet (an additional model of the FlashFace MODEL, loaded with it);
         ``face_mask``: the APPLY_MODEL wrapper that gives the main UNet its face-position channel."""
-        blocks = [(name, i, 0) for name, i in fk.REF_ATTENTION_BLOCKS]
+        blocks = [(name, i, 0) for name, i in flashface_keys.REF_ATTENTION_BLOCKS]
         super().__init__(references, guidance, latent_format, blocks=blocks, **kw)
         self.ref_patcher, self.face_mask = ref_patcher, face_mask
 

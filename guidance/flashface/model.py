@@ -14,8 +14,8 @@ import comfy.supported_models
 from comfy.ldm.modules.attention import CrossAttention
 
 from ...errors import FlashFaceError
-from .. import flashface_checkpoint as ffc
-from .. import flashface_keys as fk
+from .. import flashface_checkpoint
+from .. import flashface_keys
 from ..patching import transformer_block
 from .mask import FaceMaskConcat
 
@@ -37,8 +37,8 @@ def sd15_unet_config(model_channels: int, context_dim: int, in_channels: int) ->
 
 def _pick_dtype(weight_dtype: str, load_device):
     supported = [torch.float16, torch.bfloat16, torch.float32]
-    if weight_dtype in ffc.DTYPES:
-        dtype = ffc.DTYPES[weight_dtype]
+    if weight_dtype in flashface_checkpoint.DTYPES:
+        dtype = flashface_checkpoint.DTYPES[weight_dtype]
     else:
         dtype = mm.unet_dtype(model_params=1_650_000_000, supported_dtypes=supported)
     return dtype, mm.unet_manual_cast(dtype, load_device, supported)
@@ -53,7 +53,7 @@ def _load_exactly(module, sd: dict, what: str) -> None:
                              f"unexpected {unexpected[:5]}")
 
 
-def build_models(weights: ffc.FlashFaceWeights, weight_dtype: str = "default"):
+def build_models(weights: flashface_checkpoint.FlashFaceWeights, weight_dtype: str = "default"):
     """ComfyUI ModelPatchers: the main UNet (5-channel input, ``flashface_ref_attn`` modules beside the
     self-attention of the 10 reference blocks) with the reference UNet attached as an additional model."""
     mc = weights.main["input_blocks.0.0.weight"].shape[0]
@@ -68,12 +68,12 @@ def build_models(weights: ffc.FlashFaceWeights, weight_dtype: str = "default"):
     main, ref = bases
     main.concat_keys = ()   # ComfyUI takes in_channels > 4 for inpainting; our 5th channel is the face mask
     dm = main.diffusion_model
-    for name, i in fk.REF_ATTENTION_BLOCKS:
+    for name, i in flashface_keys.REF_ATTENTION_BLOCKS:
         tb = transformer_block(dm, (name, i, 0))
         ops = types.SimpleNamespace(Linear=type(tb.attn1.to_q))   # the UNet's own layer type (cast/fp8 aware)
         ch = tb.attn1.to_q.weight.shape[1]
-        setattr(tb, fk.REF_ATTN, CrossAttention(query_dim=ch, heads=tb.attn1.heads, dim_head=ch // tb.attn1.heads,
-                                                dtype=dtype, operations=ops))
+        setattr(tb, flashface_keys.REF_ATTN, CrossAttention(query_dim=ch, heads=tb.attn1.heads,
+                                                            dim_head=ch // tb.attn1.heads, dtype=dtype, operations=ops))
     _load_exactly(dm, {**weights.main, **weights.ref_attention}, "main UNet")
     _load_exactly(ref.diffusion_model, weights.ref, "reference UNet")
     main_p = comfy.model_patcher.ModelPatcher(main, load_device=load_device, offload_device=offload_device)
@@ -87,8 +87,8 @@ def build_models(weights: ffc.FlashFaceWeights, weight_dtype: str = "default"):
 
 def load_flashface(path: str, weight_dtype: str = "default"):
     """A FlashFace file (released ckpt, safetensors copy, or converted) → the main MODEL (see build_models)."""
-    dtype = ffc.DTYPES.get(weight_dtype)
-    return build_models(ffc.load(path, dtype=dtype, geometry="auto"), weight_dtype)
+    dtype = flashface_checkpoint.DTYPES.get(weight_dtype)
+    return build_models(flashface_checkpoint.load(path, dtype=dtype, geometry="auto"), weight_dtype)
 
 
 def is_flashface_model(model) -> bool:
@@ -96,6 +96,7 @@ def is_flashface_model(model) -> bool:
     if not model.get_additional_models_with_key(REF_UNET_KEY) or not hasattr(dm, "input_blocks"):
         return False
     try:
-        return all(hasattr(transformer_block(dm, (n, i, 0)), fk.REF_ATTN) for n, i in fk.REF_ATTENTION_BLOCKS)
+        return all(hasattr(transformer_block(dm, (n, i, 0)), flashface_keys.REF_ATTN)
+                   for n, i in flashface_keys.REF_ATTENTION_BLOCKS)
     except (KeyError, IndexError, TypeError):
         return False

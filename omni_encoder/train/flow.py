@@ -34,7 +34,7 @@ from torch import nn
 import comfy.model_sampling
 import comfy.patcher_extension
 
-from ...guidance import ip_adapter as ipa
+from ...guidance import ip_adapter
 from ...guidance.differentiable import GradPass
 from ...guidance.patching import apply_injector, unet_attention_module
 from .data import first_identity, generator, sample_seed
@@ -116,7 +116,7 @@ def adapter_kv(adapter: nn.Module, family: str, tokens: torch.Tensor) -> dict:
     return {name: (layer.to_k_ip(c_ip), layer.to_v_ip(c_ip)) for name, layer in adapter.attn2.items()}
 
 
-class TrainableIdentityInjector(ipa.IdentityInjector):
+class TrainableIdentityInjector(ip_adapter.IdentityInjector):
     """``IdentityInjector`` whose keys/values come from the training step (with gradients).
 
     The nodes' injector computes K/V from fixed tokens under ``no_grad`` and caches them per sampling
@@ -128,7 +128,7 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
     name = "identity_train"
 
     def __init__(self, adapter: nn.Module, family: str):
-        placeholder = torch.zeros(1, 1, ipa.adapter_token_width(adapter) or 1)   # the step supplies K/V
+        placeholder = torch.zeros(1, 1, ip_adapter.adapter_token_width(adapter) or 1)   # the step supplies K/V
         super().__init__(adapter, placeholder, family, weight=1.0, apply_to="both")
         self.train_kv: dict = {}
         self.key_mask: Optional[torch.Tensor] = None
@@ -143,7 +143,7 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
         return k.to(like.dtype), v.to(like.dtype)
 
     def sd_kv(self, key, like, run=None):
-        return self._lookup(ipa.sd_key_name(key), like)
+        return self._lookup(ip_adapter.sd_key_name(key), like)
 
     def flux_kv(self, name, like, run=None):
         return self._lookup(name, like)
@@ -155,9 +155,9 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
         b, lq, inner = ctx.q.shape
         h = ctx.n_heads
         q = ctx.q.view(b, lq, h, -1).transpose(1, 2)
-        k = ipa._rows_batch(k_ip, b).view(b, -1, h, inner // h).transpose(1, 2)
-        v = ipa._rows_batch(v_ip, b).view(b, -1, h, inner // h).transpose(1, 2)
-        m = ipa._rows_batch(self.key_mask[:, :, None], b)[:, None, None, :, 0]
+        k = ip_adapter._rows_batch(k_ip, b).view(b, -1, h, inner // h).transpose(1, 2)
+        v = ip_adapter._rows_batch(v_ip, b).view(b, -1, h, inner // h).transpose(1, 2)
+        m = ip_adapter._rows_batch(self.key_mask[:, :, None], b)[:, None, None, :, 0]
         ip = F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, lq, inner)
         return out + self.weight * self._masked(ctx, ip)
 
@@ -166,9 +166,9 @@ class TrainableIdentityInjector(ipa.IdentityInjector):
             return super()._flux_ip(ctx, q, heads)
         k_ip, v_ip = self.flux_kv(f"{ctx.kind}_{ctx.key[1]}", q)
         b, h, lq, d = q.shape
-        k = ipa._rows_batch(k_ip, b).view(b, -1, h, d).transpose(1, 2)
-        v = ipa._rows_batch(v_ip, b).view(b, -1, h, d).transpose(1, 2)
-        m = ipa._rows_batch(self.key_mask[:, :, None], b)[:, None, None, :, 0]
+        k = ip_adapter._rows_batch(k_ip, b).view(b, -1, h, d).transpose(1, 2)
+        v = ip_adapter._rows_batch(v_ip, b).view(b, -1, h, d).transpose(1, 2)
+        m = ip_adapter._rows_batch(self.key_mask[:, :, None], b)[:, None, None, :, 0]
         ip = F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, lq, h * d)
         return self.weight * self._masked(ctx, ip)
 
@@ -182,20 +182,20 @@ def build_adapter(family: str, diffusion_model, token_dim: int, init: str = "zer
     """
     dm = diffusion_model
     if family == "flux":
-        ad = ipa.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
+        ad = ip_adapter.FluxIdentityAdapter(token_dim, dm.hidden_size, len(dm.double_blocks), len(dm.single_blocks))
         if init == "zero_v":
             with torch.no_grad():
                 for blk in ad.blocks.values():
                     blk.to_v_ip.weight.zero_()
                     blk.to_v_ip.bias.zero_()
         return ad
-    inner = ipa.SDIdentityAdapter.inner_dims_of(dm)
+    inner = ip_adapter.SDIdentityAdapter.inner_dims_of(dm)
     ctx_dim = unet_attention_module(dm, next(iter(inner)), "attn2").to_k.weight.shape[1]
-    ad = ipa.SDIdentityAdapter(token_dim, ctx_dim, inner)
+    ad = ip_adapter.SDIdentityAdapter(token_dim, ctx_dim, inner)
     with torch.no_grad():
         for key in inner:
             attn = unet_attention_module(dm, key, "attn2")
-            layer = ad.attn2[ipa.sd_key_name(key)]
+            layer = ad.attn2[ip_adapter.sd_key_name(key)]
             layer.to_k_ip.weight.copy_(attn.to_k.weight.detach().float())
             layer.to_v_ip.weight.copy_(attn.to_v.weight.detach().float())
     return ad
