@@ -74,9 +74,7 @@ def rss_mb(pid: int) -> float:
 def pack_objects(examples, rounds: int, rng) -> list:
     """Every example (and the plain graph) ``rounds`` times in-process, in one executor with ComfyUI's classic cache
     as the server keeps it; after each round, what is still alive: tensors, ModelPatchers, run states, injectors."""
-    import asyncio
     import gc
-    import uuid
     import warnings
 
     import torch
@@ -84,22 +82,18 @@ def pack_objects(examples, rounds: int, rng) -> list:
     import comfy.model_patcher
     import embedded_comfy
     import execution
+    import stand_in_files
     from idportrait.guidance.patching import Injector
     from idportrait.guidance.run_state import RunState
     executor = execution.PromptExecutor(embedded_comfy._StubServer(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def run(prompt):
-        pid = str(uuid.uuid4())
-        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
-        if not ok:
-            raise RuntimeError(f"invalid graph: {err} {node_errors}")
-        executor.execute(prompt, pid, {}, outputs)
+        embedded_comfy.run_workflow(prompt, executor=executor)
         executor.server.events.clear()   # the stub server's message log is this tool's, not ComfyUI's or the pack's
         executor.server.times.clear()
 
     for _, ui, _ in examples:
-        import stand_in_files
         stand_in_files.prepare_files(ui, embedded_comfy.BASE_DIR)
     out = []
     for r in range(rounds):
@@ -135,21 +129,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import embedded_comfy  # noqa: F401  (in-process ComfyUI + the pack: node definitions, stand-in writers)
-    import nodes
     import torch
     import stand_in_files
     from comfy_server import http_post, run_over_http, running_server
-    from workflow_tools import swap_stand_ins, ui_to_api
-
-    def node_defs(t):
-        return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
     examples = []
     for f in sorted(os.listdir(os.path.join(REPO, "example_workflows"))):
         if f.endswith(".json"):
             with open(os.path.join(REPO, "example_workflows", f)) as fh:
                 ui = json.load(fh)
-            examples.append((f[:-5], ui, swap_stand_ins(ui_to_api(ui, node_defs), ui)))
+            examples.append((f[:-5], ui, embedded_comfy.stand_in_api(ui)))
     rng = random.Random(a.seed)
     record = {"comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "torch": torch.__version__,
               "workflows": [], "pairs": []}

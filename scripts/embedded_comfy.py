@@ -88,6 +88,17 @@ class WorkflowError(AssertionError):
     errors: list = []     # ComfyUI's execution_error messages (dicts: node_id, node_type, exception_message, ...)
 
 
+def node_defs(node_type: str) -> dict:
+    """A node's INPUT_TYPES from ComfyUI's registry: what workflow_tools converts UI workflows against."""
+    return nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+
+
+def stand_in_api(ui: dict) -> dict:
+    """A UI workflow as CI runs it: converted to the API format, its marked loaders swapped for the stand-ins."""
+    from workflow_tools import swap_stand_ins, ui_to_api
+    return swap_stand_ins(ui_to_api(ui, node_defs), ui)
+
+
 def validate_workflow(prompt: dict, prompt_id: str = "validate") -> list:
     """ComfyUI's own validation of an API-format workflow; returns its output node ids, raises WorkflowError."""
     ok, err, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
@@ -96,17 +107,21 @@ def validate_workflow(prompt: dict, prompt_id: str = "validate") -> list:
     return good_outputs
 
 
-def run_workflow(prompt: dict, outputs=None, server=None):
+def run_workflow(prompt: dict, outputs=None, server=None, executor=None):
     """Validate and execute an API-format workflow with ComfyUI's own PromptExecutor.
 
     Returns the executor (``history_result["outputs"]``, ``status_messages``, ``caches``).
     Raises WorkflowError with ComfyUI's own message on a validation or execution error.
     ``server``: a _StubServer to receive ComfyUI's events (and their times) instead of a fresh one.
+    ``executor``: a PromptExecutor to run in (its caches and server kept across runs) instead of a fresh one.
     """
     prompt_id = str(uuid.uuid4())
     good_outputs = validate_workflow(prompt, prompt_id)
-    server = server if server is not None else _StubServer()
-    ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    if executor is not None:
+        ex, server = executor, executor.server
+    else:
+        server = server if server is not None else _StubServer()
+        ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     ex.execute(prompt, prompt_id, {}, outputs if outputs is not None else good_outputs)
     ex.server_events = server.events
     if not ex.success:

@@ -13,18 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import nodes
 
 import demo
 import demo_graphs as G
 import demo_report as R
 import harness
 import stand_in_files
-from workflow_tools import swap_stand_ins, ui_to_api
 
 
-def node_defs(t):
-    return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
 
 def _run(args):
@@ -68,7 +64,7 @@ def test_every_technique_ran_its_example_workflow_and_wrote_its_image(stand_in_r
             ui = json.load(f)
         if tech.derive:
             ui = tech.derive(ui)
-        expected = swap_stand_ins(ui_to_api(ui, node_defs), ui)
+        expected = harness.stand_in_api(ui)
         negative = sorted(expected[k]["inputs"]["text"] for k in G.prompt_nodes(expected, "negative"))
         G.set_images(expected, demo.IMAGE_NAMES)
         G.set_steps(expected, STEPS)

@@ -9,17 +9,12 @@ import os
 
 import pytest
 
-import nodes
 
 import harness
 import stand_in_files
 from helpers import EXAMPLES
-from workflow_tools import WorkflowFormatError, swap_stand_ins, ui_to_api
+from workflow_tools import WorkflowFormatError, ui_to_api
 
-
-
-def node_defs(t):
-    return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
 
 def prepare_files(ui):
@@ -30,7 +25,7 @@ def prepare_files(ui):
 def to_api(path):
     with open(path) as f:
         ui = json.load(f)
-    return ui, swap_stand_ins(ui_to_api(ui, node_defs), ui)
+    return ui, harness.stand_in_api(ui)
 
 
 def test_there_are_example_workflows():
@@ -54,11 +49,11 @@ def test_converter_rejects_reordered_or_renamed_widgets():
     node = next(n for n in ui["nodes"] if n["type"] == "IDP_OmniIDApply")
     node["widgets_values"] = node["widgets_values"] + [0.5]          # an extra (unknown) widget value
     with pytest.raises(WorkflowFormatError, match="widget"):
-        ui_to_api(ui, node_defs)
+        ui_to_api(ui, harness.node_defs)
     node["widgets_values"] = node["widgets_values"][:-1]
     node["widgets_values"][3] = "sideways"                           # apply_to is a fixed option list
     with pytest.raises(WorkflowFormatError, match="not an option"):
-        ui_to_api(ui, node_defs)
+        ui_to_api(ui, harness.node_defs)
     node["type"] = "IDP_OmniIDApplyRenamed"
     with pytest.raises(WorkflowFormatError, match="not registered"):
-        ui_to_api(ui, node_defs)
+        ui_to_api(ui, harness.node_defs)

@@ -173,14 +173,12 @@ def test_rb_guidance_pivot_id_workflow_keeps_nothing_between_runs():
     import json
     import random
     import warnings
-    import nodes
     import stand_in_files
     from helpers import EXAMPLES
-    from workflow_tools import swap_stand_ins, ui_to_api
     path = next(p for p in EXAMPLES if os.path.basename(p) == "sd15_rb_guidance_pivot_id.json")
     with open(path) as f:
         ui = json.load(f)
-    api = swap_stand_ins(ui_to_api(ui, lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()), ui)
+    api = harness.stand_in_api(ui)
     stand_in_files.prepare_files(ui, harness.BASE_DIR)
     rng = random.Random(0)
     counts = []

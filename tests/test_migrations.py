@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import execution
-import nodes
 
 import harness
 from helpers import run_over_http
@@ -23,8 +22,6 @@ def load(name):
         return json.load(f)
 
 
-def node_defs(t):
-    return nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES()
 
 
 def test_old_api_prompt_fails_unmigrated_and_runs_migrated():
@@ -39,8 +36,8 @@ def test_old_api_prompt_fails_unmigrated_and_runs_migrated():
 def test_old_ui_workflow_fails_unmigrated_and_converts_migrated():
     old = load("tiny_sd15_ui_v0.1.0.json")
     with pytest.raises(WorkflowFormatError, match="widget"):
-        ui_to_api(old, node_defs)
-    api = ui_to_api(M.migrate_ui_workflow(old), node_defs)
+        ui_to_api(old, harness.node_defs)
+    api = ui_to_api(M.migrate_ui_workflow(old), harness.node_defs)
     tiny = next(n for n in api.values() if n["class_type"] == "IDP_TinyModels")
     assert tiny["inputs"] == {"family": "sd15", "weights_seed": 5}
     ex = harness.run_workflow(api)
@@ -92,8 +89,8 @@ def test_rb_guidance_saved_before_match_and_reduction_keeps_cosine_and_mean():
 def test_rb_guidance_ui_workflow_saved_before_match_and_reduction():
     old = load("rb_guidance_ui_v0.2.0.json")
     with pytest.raises(WorkflowFormatError, match="no value for widget 'match'"):
-        ui_to_api(old, node_defs)
-    api = ui_to_api(M.migrate_ui_workflow(old), node_defs)
+        ui_to_api(old, harness.node_defs)
+    api = ui_to_api(M.migrate_ui_workflow(old), harness.node_defs)
     want = M.migrate_api_prompt(load("rb_guidance_api_v0.2.0.json"))
     assert {k: v["inputs"] for k, v in _rb_nodes(api).items()} == {k: v["inputs"] for k, v in _rb_nodes(want).items()}
     # a workflow saved with the inputs (13 / 18 widget values) is not touched
